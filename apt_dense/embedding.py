@@ -1,0 +1,118 @@
+"""Stage 3: adaptive patch embedding and position embeddings per token.
+
+A level-``k`` patch (side ``p 2^k``) is embedded as
+
+    E(area_resize(x, p)) + detail(Down^k(E(sub-patches)))
+
+with ``E`` the host's own patch embedding (``proj``, conv ``p x p`` stride ``p``), exact area
+averaging for the resize, ``Down`` a learned 2x2 stride-2 conv applied ``k`` times, and
+``detail`` a zero-initialised linear layer: at initialisation a large patch's token is its
+resize-only embedding, so a pretrained ViT starts out unharmed.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .layout import PatchLayout
+
+__all__ = ["AdaptivePatchEmbed", "abs_pos_grid", "gather_level_maps"]
+
+
+def gather_level_maps(maps: list[torch.Tensor], layout: PatchLayout) -> torch.Tensor:
+    """Pick every token's vector from per-level maps.
+
+    Args:
+        maps: ``maps[k]`` is ``(B or 1, Hc / 2^k, Wc / 2^k, C)`` for ``k = 0..K``; a leading 1
+            is shared by all images (position embeddings).
+    Returns:
+        ``(N, C)`` in token order.
+    """
+    table = torch.cat([m.flatten(0, 2) for m in maps])
+    sizes = torch.tensor([m.shape[0] * m.shape[1] * m.shape[2] for m in maps], device=table.device)
+    heights = torch.tensor([m.shape[1] for m in maps], device=table.device)
+    widths = torch.tensor([m.shape[2] for m in maps], device=table.device)
+    offsets = F.pad(sizes.cumsum(0), (1, 0))
+    level = layout.token_level
+    shared = maps[0].shape[0] == 1
+    image = torch.zeros_like(layout.token_image) if shared else layout.token_image
+    h, w = heights[level], widths[level]
+    row, col = layout.token_cell[:, 0] >> level, layout.token_cell[:, 1] >> level
+    return table[offsets[level] + (image * h + row) * w + col]
+
+
+def abs_pos_grid(pos_embed: torch.Tensor, has_cls_token: bool, grid: tuple[int, int]) -> torch.Tensor:
+    """``(1, [1 +] S*S, C) -> (1, Hc, Wc, C)``: the pretrained square grid resized bicubically
+    to the cell grid (detectron2's ``get_abs_pos``)."""
+    if has_cls_token:
+        pos_embed = pos_embed[:, 1:]
+    side = math.isqrt(pos_embed.shape[1])
+    if side * side != pos_embed.shape[1]:
+        raise ValueError(f"position embedding with {pos_embed.shape[1]} entries is not a square grid")
+    square = pos_embed.reshape(1, side, side, -1)
+    if (side, side) == tuple(grid):
+        return square
+    resized = F.interpolate(square.permute(0, 3, 1, 2), size=grid, mode="bicubic", align_corners=False)
+    return resized.permute(0, 2, 3, 1)
+
+
+def area_pooled_levels(grid: torch.Tensor, num_levels: int) -> list[torch.Tensor]:
+    """``(B, H, W, C)`` and its ``2^k x 2^k`` area means for ``k = 1..K``, all channels-last."""
+    maps = [grid]
+    x = grid.permute(0, 3, 1, 2)
+    for _ in range(num_levels):
+        x = F.avg_pool2d(x, 2)
+        maps.append(x.permute(0, 2, 3, 1))
+    return maps
+
+
+class AdaptivePatchEmbed(nn.Module):
+    """Patch embedding for patches of ``p * 2^k`` pixels, ``k = 0..num_levels``.
+
+    Keys: ``proj`` is the host's patch embedding (loads unchanged); ``downsample`` and
+    ``detail`` are the APT layers (absent when ``num_levels == 0``).
+    """
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, num_levels: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.num_levels = num_levels
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        if num_levels > 0:
+            self.downsample = nn.Conv2d(embed_dim, embed_dim, kernel_size=2, stride=2)
+            self.detail = nn.Linear(embed_dim, embed_dim)
+            self.reset_apt_parameters()
+
+    def reset_apt_parameters(self) -> None:
+        """Zero the detail layer: large patches embed as their resize-only embedding."""
+        if self.num_levels > 0:
+            nn.init.zeros_(self.detail.weight)
+            nn.init.zeros_(self.detail.bias)
+
+    def level_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Token candidates at every level: ``maps[k]`` is ``(B, Hc / 2^k, Wc / 2^k, C)``."""
+        base = self.proj(images)
+        maps = [base.permute(0, 2, 3, 1)]
+        pooled, sub = images, base
+        for _ in range(self.num_levels):
+            pooled = F.avg_pool2d(pooled, 2)
+            sub = self.downsample(sub)
+            resized = self.proj(pooled).permute(0, 2, 3, 1)
+            maps.append(resized + self.detail(sub.permute(0, 2, 3, 1)))
+        return maps
+
+    def forward(self, images: torch.Tensor, layout: PatchLayout) -> torch.Tensor:
+        """``(B, C_in, H, W) -> (N, C)`` tokens in layout order."""
+        # In training the APT layers always run, so distributed data parallel sees them used.
+        if self.num_levels > 0 and (self.training or not layout_is_dense(layout)):
+            return gather_level_maps(self.level_maps(images), layout)
+        return gather_level_maps([self.proj(images).permute(0, 2, 3, 1)], layout)
+
+
+def layout_is_dense(layout: PatchLayout) -> bool:
+    """Every image keeps all its cells as base tokens (known on the host, no sync)."""
+    cells = layout.grid_size[0] * layout.grid_size[1]
+    return all(n == cells for n in layout.tokens_per_image_host)

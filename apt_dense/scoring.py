@@ -1,0 +1,170 @@
+"""Stage 1: per-patch content scores at every coarse level.
+
+Every scorer maps a raw-intensity grayscale batch ``(B, H, W)`` (0..255 scale) to one score map
+per coarse level ``k = 1..K``: ``(B, H / (p 2^k), W / (p 2^k))``. Lower score = more homogeneous
+= more eligible for a large patch. All work is batched tensor ops on the input's device.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "GRAY_WEIGHTS",
+    "to_intensity",
+    "EntropyScorer",
+    "LaplacianScorer",
+    "UpsampleMSEScorer",
+    "build_scorer",
+]
+
+# ITU-R 601 luma weights as used by the public APT code (not rounded to integers).
+GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)
+
+
+def to_intensity(
+    images: torch.Tensor,
+    pixel_mean: Sequence[float] | None = None,
+    pixel_std: Sequence[float] | None = None,
+) -> torch.Tensor:
+    """Grayscale intensities on the raw 0..255 scale.
+
+    Args:
+        images: ``(B, C, H, W)`` float; raw 0..255 values, or normalised values when
+            ``pixel_mean``/``pixel_std`` (0..255 scale, one per channel) are given to undo.
+    Returns:
+        ``(B, H, W)`` float32. Images with one channel are used as they are; three channels are
+        combined with :data:`GRAY_WEIGHTS` (RGB order).
+    """
+    x = images.float()
+    if pixel_mean is not None or pixel_std is not None:
+        if pixel_mean is None or pixel_std is None:
+            raise ValueError("give both pixel_mean and pixel_std to undo normalisation, or neither")
+        mean = torch.as_tensor(pixel_mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        std = torch.as_tensor(pixel_std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        x = x * std + mean
+    if x.shape[1] == 1:
+        return x[:, 0]
+    if x.shape[1] != 3:
+        raise ValueError(f"scoring needs 1 or 3 channels, got {x.shape[1]}")
+    r, g, b = x.unbind(1)
+    return GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b
+
+
+def _sum_pool2x(x: torch.Tensor) -> torch.Tensor:
+    """``(B, h, w, ...) -> (B, h/2, w/2, ...)``: sum of each 2x2 block of cells."""
+    b, h, w = x.shape[:3]
+    return x.view(b, h // 2, 2, w // 2, 2, *x.shape[3:]).sum(dim=(2, 4))
+
+
+class EntropyScorer:
+    """Shannon entropy (bits) of the per-patch intensity histogram.
+
+    Matches the public APT code: ``histc(bins, min=lo, max=hi)`` of the unrounded grayscale value,
+    ``p = count / pixels``, ``H = -sum p log2(p + 1e-10)``. Values outside ``[lo, hi]`` are not
+    counted (as ``histc`` does). Histograms are binned once at the finest coarse level and
+    sum-pooled for coarser levels, so memory is ``B * (H/2p) * (W/2p) * bins`` counts.
+    """
+
+    def __init__(self, bins: int = 512, value_range: tuple[float, float] = (0.0, 255.0)):
+        if bins < 2:
+            raise ValueError(f"entropy needs at least 2 bins, got {bins}")
+        lo, hi = value_range
+        if not hi > lo:
+            raise ValueError(f"value_range must be (low, high) with high > low, got {value_range}")
+        self.bins = int(bins)
+        self.value_range = (float(lo), float(hi))
+
+    def bin_index(self, gray: torch.Tensor) -> torch.Tensor:
+        """Bin of each value as ``torch.histc`` computes it; ``bins`` marks values out of range."""
+        lo, hi = self.value_range
+        # Same float32 expression and order as histc's kernel, so bin edges agree bit for bit.
+        idx = ((gray - lo) * self.bins / (hi - lo)).long().clamp_(max=self.bins - 1)
+        outside = (gray < lo) | (gray > hi) | torch.isnan(gray)
+        return idx.masked_fill_(outside, self.bins)
+
+    def histograms(self, gray: torch.Tensor, patch: int) -> torch.Tensor:
+        """Counts ``(B, H/patch, W/patch, bins)`` (float32) of ``patch x patch`` blocks."""
+        b, h, w = gray.shape
+        hp, wp = h // patch, w // patch
+        idx = self.bin_index(gray)
+        cell = (
+            torch.arange(hp, device=gray.device).repeat_interleave(patch).view(1, h, 1) * wp
+            + torch.arange(wp, device=gray.device).repeat_interleave(patch).view(1, 1, w)
+        )
+        slots = self.bins + 1
+        flat = (torch.arange(b, device=gray.device).view(b, 1, 1) * (hp * wp) + cell) * slots + idx
+        counts = torch.bincount(flat.flatten(), minlength=b * hp * wp * slots)
+        return counts.view(b, hp, wp, slots)[..., : self.bins].float()
+
+    def __call__(self, gray: torch.Tensor, base_patch_size: int, num_levels: int) -> list[torch.Tensor]:
+        if num_levels == 0:
+            return []
+        hist = self.histograms(gray, base_patch_size * 2)
+        scores = []
+        for k in range(1, num_levels + 1):
+            if k > 1:
+                hist = _sum_pool2x(hist)
+            pixels = float((base_patch_size << k) ** 2)
+            p = hist / pixels
+            scores.append(-(p * torch.log2(p + 1e-10)).sum(-1))
+        return scores
+
+
+def _mean_pool_levels(per_pixel: torch.Tensor, base_patch_size: int, num_levels: int) -> list[torch.Tensor]:
+    """Per-patch means ``(B, H/(p 2^k), W/(p 2^k))`` of a ``(B, H, W)`` map for ``k = 1..K``."""
+    level = F.avg_pool2d(per_pixel.unsqueeze(1), base_patch_size * 2).squeeze(1)
+    out = [level]
+    for _ in range(2, num_levels + 1):
+        level = F.avg_pool2d(level.unsqueeze(1), 2).squeeze(1)
+        out.append(level)
+    return out
+
+
+class LaplacianScorer:
+    """Mean absolute 8-neighbour Laplacian of ``gray / 255`` per patch (edge-replicated border)."""
+
+    def __call__(self, gray: torch.Tensor, base_patch_size: int, num_levels: int) -> list[torch.Tensor]:
+        if num_levels == 0:
+            return []
+        kernel = torch.ones(1, 1, 3, 3, dtype=gray.dtype, device=gray.device)
+        kernel[0, 0, 1, 1] = -8.0
+        x = F.pad((gray / 255.0).unsqueeze(1), (1, 1, 1, 1), mode="replicate")
+        response = F.conv2d(x, kernel).abs().squeeze(1)
+        return _mean_pool_levels(response, base_patch_size, num_levels)
+
+
+class UpsampleMSEScorer:
+    """Per-patch mean squared error between ``gray / 255`` and its area-downsampled (by ``2^k``),
+    bilinearly re-upsampled copy: how much a level-``k`` patch loses when represented at the base
+    resolution."""
+
+    def __call__(self, gray: torch.Tensor, base_patch_size: int, num_levels: int) -> list[torch.Tensor]:
+        x = (gray / 255.0).unsqueeze(1)
+        scores = []
+        for k in range(1, num_levels + 1):
+            factor = 1 << k
+            low = F.avg_pool2d(x, factor)
+            up = F.interpolate(low, size=x.shape[-2:], mode="bilinear", align_corners=False)
+            err = (x - up).square()
+            scores.append(F.avg_pool2d(err, base_patch_size << k).squeeze(1))
+        return scores
+
+
+_SCORERS = {"entropy": EntropyScorer, "laplacian": LaplacianScorer, "upsample_mse": UpsampleMSEScorer}
+
+
+def build_scorer(scorer: "str | object", **kwargs) -> object:
+    """A scorer from its name (``entropy``, ``laplacian``, ``upsample_mse``) or a callable with
+    the scorer signature ``(gray, base_patch_size, num_levels) -> list[Tensor]``."""
+    if isinstance(scorer, str):
+        if scorer not in _SCORERS:
+            raise ValueError(f"unknown scorer {scorer!r}; choose one of {sorted(_SCORERS)}")
+        return _SCORERS[scorer](**kwargs)
+    if not callable(scorer):
+        raise TypeError(f"scorer must be a name or a callable, got {type(scorer).__name__}")
+    if kwargs:
+        raise ValueError("scorer options apply only when the scorer is given by name")
+    return scorer

@@ -1,0 +1,21 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="apt-dense",
+    version="0.1.0",
+    description="Adaptive Patch Transformers for dense prediction: faster ViT detectors and segmenters",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["apt_dense", "apt_dense.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.4", "numpy"],
+    extras_require={
+        # Sample photos for the demo and tests; pillow writes the patch-map picture.
+        "demo": ["scikit-image", "pillow"],
+        "flash": ["flash-attn"],
+        "dev": ["pytest>=7", "hypothesis>=6", "scikit-image", "pillow"],
+    },
+    license="Apache-2.0",
+)
