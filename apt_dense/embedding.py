@@ -104,10 +104,12 @@ class AdaptivePatchEmbed(nn.Module):
             maps.append(resized + self.detail(sub.permute(0, 2, 3, 1)))
         return maps
 
-    def forward(self, images: torch.Tensor, layout: PatchLayout) -> torch.Tensor:
-        """``(B, C_in, H, W) -> (N, C)`` tokens in layout order."""
-        # In training the APT layers always run, so distributed data parallel sees them used.
-        if self.num_levels > 0 and (self.training or not layout_is_dense(layout)):
+    def forward(self, images: torch.Tensor, layout: PatchLayout, use_levels: bool = True) -> torch.Tensor:
+        """``(B, C_in, H, W) -> (N, C)`` tokens in layout order.
+
+        ``use_levels=False`` embeds base patches only (valid when every token is a base patch).
+        """
+        if use_levels and self.num_levels > 0:
             return gather_level_maps(self.level_maps(images), layout)
         return gather_level_maps([self.proj(images).permute(0, 2, 3, 1)], layout)
 

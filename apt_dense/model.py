@@ -260,10 +260,13 @@ class APTViT(nn.Module):
 
     def embed(self, images: torch.Tensor, layout: PatchLayout) -> torch.Tensor:
         """``(B, C_in, H, W) -> (N, C)`` tokens with position embeddings."""
-        tokens = self.patch_embed(images, layout)
+        # In training the APT layers run even when nothing merged, so distributed data parallel
+        # always sees them used.
+        use_levels = self.merges and (self.training or not layout_is_dense(layout))
+        tokens = self.patch_embed(images, layout, use_levels)
         if self.pos_embed is not None:
             grid = abs_pos_grid(self.pos_embed, self.pretrain_use_cls_token, layout.grid_size)
-            levels = 0 if layout_is_dense(layout) else self.schedule.num_levels
+            levels = self.schedule.num_levels if use_levels else 0
             tokens = tokens + gather_level_maps(area_pooled_levels(grid, levels), layout)
         return tokens
 

@@ -44,7 +44,9 @@ def to_intensity(
             raise ValueError("give both pixel_mean and pixel_std to undo normalisation, or neither")
         mean = torch.as_tensor(pixel_mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
         std = torch.as_tensor(pixel_std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-        x = x * std + mean
+        # Snap to 1/256: the float round trip leaves ~1e-5 noise, which moves integer pixels
+        # (the usual case) across histogram bin edges; on this grid they come back exactly.
+        x = torch.round((x * std + mean) * 256.0) / 256.0
     if x.shape[1] == 1:
         return x[:, 0]
     if x.shape[1] != 3:

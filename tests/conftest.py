@@ -4,7 +4,7 @@ import torch
 
 torch.set_num_threads(2)
 
-SAMPLE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "motorcycle_left")
+SAMPLE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field")
 
 
 def real_photos():

@@ -1,0 +1,68 @@
+"""Bad input gets a clear error that names the fix."""
+import pytest
+import torch
+
+from apt_dense import APTViT
+
+
+@pytest.fixture(scope="module")
+def model():
+    return APTViT(img_size=128, embed_dim=32, depth=1, num_heads=4, thresholds={32: 5.5, 64: 5.5},
+                  window_size=4, window_block_indexes=(0,)).eval()
+
+
+@pytest.mark.parametrize(
+    "images, error, match",
+    [
+        (torch.rand(1, 1, 128, 128), ValueError, "1 channels but the model expects 3"),
+        (torch.rand(1, 4, 128, 128), ValueError, "expects 3"),
+        (torch.rand(3, 128, 128), ValueError, r"\(B, C, H, W\)"),
+        (torch.rand(0, 3, 128, 128), ValueError, "empty batch"),
+        (torch.randint(0, 255, (1, 3, 128, 128), dtype=torch.uint8), TypeError, r"images.float\(\)"),
+        (torch.rand(1, 3, 120, 128), ValueError, "multiple of the largest patch size .64 px.; pad .* to 128x128"),
+        (torch.rand(1, 3, 128, 96 + 16), ValueError, "pad the images"),
+        ("not a tensor", TypeError, "torch.Tensor"),
+    ],
+)
+def test_bad_images(model, images, error, match):
+    with pytest.raises(error, match=match):
+        model(images)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("adaptive", [True, False])
+def test_non_finite_pixels(bad, adaptive):
+    model = APTViT(img_size=64, embed_dim=32, depth=1, num_heads=4, thresholds={32: 5.5}, adaptive=adaptive)
+    x = torch.rand(2, 3, 64, 64) * 255
+    x[1, 0, 5, 7] = bad
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        model(x)
+
+
+def test_dense_mode_needs_only_patch_multiples():
+    model = APTViT(img_size=64, embed_dim=32, depth=1, num_heads=4, thresholds={32: 5.5, 64: 5.5}, adaptive=False)
+    assert model(torch.rand(1, 3, 48, 80)).features[0].shape == (1, 32, 3, 5)
+    with pytest.raises(ValueError, match=r"multiple of the patch size \(16 px\)"):
+        model(torch.rand(1, 3, 50, 80))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(thresholds={32: 1.0, 64: 1.0}, window_size=6, window_block_indexes=(0,)), "not a multiple of the largest patch"),
+        (dict(thresholds=[1.0, 2.0], patch_sizes=(16, 32)), "exactly 1"),
+        (dict(thresholds={32: float("nan")}), "finite"),
+        (dict(block_type="swin"), "block_type"),
+        (dict(block_type="eva02", use_rel_pos=True), "RoPE"),
+        (dict(attention_backend="xformers"), "unknown attention backend"),
+        (dict(window_block_indexes=(0,)), "positive window_size"),
+        (dict(out_indices=(5,)), "out_indices"),
+        (dict(num_heads=5), "divisible"),
+        (dict(scorer="sobel"), "unknown scorer"),
+    ],
+)
+def test_bad_construction(kwargs, match):
+    args = dict(img_size=64, embed_dim=32, depth=1, num_heads=4)
+    args.update(kwargs)
+    with pytest.raises((ValueError, TypeError), match=match):
+        APTViT(**args)
