@@ -1,0 +1,68 @@
+"""Host architectures and the paper's APT settings, as keyword arguments for :class:`APTViT`."""
+from __future__ import annotations
+
+from functools import partial
+
+import torch.nn as nn
+
+__all__ = ["HOSTS", "APT_SETTINGS", "IMAGENET_PIXEL_MEAN", "IMAGENET_PIXEL_STD", "host_kwargs"]
+
+IMAGENET_PIXEL_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_PIXEL_STD = (58.395, 57.12, 57.375)
+
+_LN = partial(nn.LayerNorm, eps=1e-6)
+
+
+def _every_third(depth: int) -> tuple[int, ...]:
+    return tuple(range(2, depth, 3))
+
+
+def _eva02_det(dim: int, depth: int, heads: int, global_blocks: tuple[int, ...]) -> dict:
+    return dict(
+        img_size=1536, patch_size=16, embed_dim=dim, depth=depth, num_heads=heads, mlp_ratio=4 * 2 / 3,
+        norm_layer=_LN, window_size=32, window_block_indexes=tuple(i for i in range(depth) if i not in global_blocks),
+        block_type="eva02", pretrain_img_size=224, pretrain_use_cls_token=True,
+    )
+
+
+def _vitdet(dim: int, depth: int, heads: int, global_blocks: tuple[int, ...]) -> dict:
+    return dict(
+        img_size=1024, patch_size=16, embed_dim=dim, depth=depth, num_heads=heads, mlp_ratio=4.0,
+        norm_layer=_LN, window_size=14, window_block_indexes=tuple(i for i in range(depth) if i not in global_blocks),
+        block_type="vitdet", use_rel_pos=True, pretrain_img_size=224, pretrain_use_cls_token=True,
+    )
+
+
+def _eva02_seg(dim: int, depth: int, heads: int) -> dict:
+    """EVA-02 segmentation backbone shape: global attention in every block (its cls token is
+    not modelled by the core; the mmseg adapter adds it)."""
+    return dict(
+        img_size=512, patch_size=16, embed_dim=dim, depth=depth, num_heads=heads, mlp_ratio=4 * 2 / 3,
+        norm_layer=_LN, block_type="eva02", pretrain_img_size=224, pretrain_use_cls_token=True,
+    )
+
+
+# SPEC sections 2-4: EVA-02 detection (1536, window 32) and ViTDet (MAE, 1024, window 14).
+HOSTS = {
+    "eva02_b_det": _eva02_det(768, 12, 12, (1, 3, 5, 7, 9, 11)),
+    "eva02_l_det": _eva02_det(1024, 24, 16, _every_third(24)),
+    "vitdet_b": _vitdet(768, 12, 12, (2, 5, 8, 11)),
+    "vitdet_l": _vitdet(1024, 24, 16, (5, 11, 17, 23)),
+    "eva02_b_seg": _eva02_seg(768, 12, 12),
+    "eva02_l_seg": _eva02_seg(1024, 24, 16),
+}
+
+# The paper's thresholds (entropy, 512 bins, bits): detection sizes 32/64/128, segmentation 32.
+APT_SETTINGS = {
+    "detection": {32: 2.0, 64: 2.0, 128: 0.3},
+    "segmentation": {32: 5.75},
+}
+
+
+def host_kwargs(name: str, **overrides) -> dict:
+    """A copy of a host preset with ``overrides`` applied (e.g. ``img_size=1024, window_size=16``)."""
+    if name not in HOSTS:
+        raise ValueError(f"unknown host preset {name!r}; choose one of {sorted(HOSTS)}")
+    kwargs = dict(HOSTS[name])
+    kwargs.update(overrides)
+    return kwargs
