@@ -32,17 +32,17 @@ def gather_level_maps(maps: list[torch.Tensor], layout: PatchLayout) -> torch.Te
         ``(N, C)`` in token order.
     """
     table = torch.cat([m.flatten(0, 2) for m in maps])
-    sizes = torch.tensor([m.shape[0] * m.shape[1] * m.shape[2] for m in maps], device=table.device)
-    heights = torch.tensor([m.shape[1] for m in maps], device=table.device)
-    widths = torch.tensor([m.shape[2] for m in maps], device=table.device)
-    offsets = F.pad(sizes.cumsum(0), (1, 0))
     level = layout.token_level
-    shared = maps[0].shape[0] == 1
-    image = torch.zeros_like(layout.token_image) if shared else layout.token_image
-    h, w = heights[level], widths[level]
+    # Per-level offsets and sizes from Python ints: no small host-to-device copies (each would
+    # stall a CUDA stream).
+    offset = torch.zeros_like(level)
+    for k in range(1, len(maps)):
+        offset += (level >= k) * (maps[k - 1].shape[0] * maps[k - 1].shape[1] * maps[k - 1].shape[2])
+    width = maps[0].shape[2] >> level
+    height = maps[0].shape[1] >> level
+    image = torch.zeros_like(layout.token_image) if maps[0].shape[0] == 1 else layout.token_image
     row, col = layout.token_cell[:, 0] >> level, layout.token_cell[:, 1] >> level
-    return table[offsets[level] + (image * h + row) * w + col]
-
+    return table[offset + (image * height + row) * width + col]
 
 def abs_pos_grid(pos_embed: torch.Tensor, has_cls_token: bool, grid: tuple[int, int]) -> torch.Tensor:
     """``(1, [1 +] S*S, C) -> (1, Hc, Wc, C)``: the pretrained square grid resized bicubically

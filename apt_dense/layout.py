@@ -139,6 +139,7 @@ class _Geometry:
     cell_order: torch.Tensor  # (Hp*Wp,) raster index of each cell of the padded grid, window-major
     real_cells: np.ndarray  # (num_windows,) real (non-padding) cells per window
     pad_positions: torch.Tensor  # (P, 2) float32 padding cells of one image, window-major, window frame
+    pad_cells: torch.Tensor  # (num_windows,) int64 padding cells per window
     window_origin_of_cell: torch.Tensor | None  # (Hp*Wp, 2) int64 origin of each cell's window
 
 
@@ -147,7 +148,10 @@ def _geometry(grid: tuple[int, int], window: int, device: torch.device) -> _Geom
     hc, wc = grid
     if window <= 0:
         order = torch.arange(hc * wc, device=device)
-        return _Geometry(grid, order, np.array([hc * wc]), torch.zeros(0, 2, device=device), None)
+        return _Geometry(
+            grid, order, np.array([hc * wc]), torch.zeros(0, 2, device=device),
+            torch.zeros(1, dtype=torch.int64, device=device), None,
+        )
     hp, wp = -(-hc // window) * window, -(-wc // window) * window
     nh, nw = hp // window, wp // window
     raster = np.arange(hp * wp).reshape(nh, window, nw, window).transpose(0, 2, 1, 3)
@@ -163,6 +167,7 @@ def _geometry(grid: tuple[int, int], window: int, device: torch.device) -> _Geom
         cell_order=torch.from_numpy(raster.reshape(-1).copy()).to(device),
         real_cells=real.reshape(nh * nw, -1).sum(1),
         pad_positions=torch.from_numpy(pad).to(device),
+        pad_cells=torch.from_numpy(window * window - real.reshape(nh * nw, -1).sum(1)).to(device),
         window_origin_of_cell=torch.from_numpy(origin_raster).to(device),
     )
 
@@ -298,7 +303,7 @@ def _window_sequences(
     num_tokens = layout.num_tokens
     pads_host = np.tile(pad_per_window, b)
     num_pads = int(pads_host.sum())
-    pads = torch.from_numpy(pads_host).to(device)
+    pads = geo.pad_cells.repeat(b)
     lengths_host = counts_host + pads_host
     num_slots = num_tokens + num_pads
     seq_ids = torch.arange(len(pads_host), device=device)

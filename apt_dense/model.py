@@ -133,8 +133,14 @@ class APTViT(nn.Module):
         self.adaptive = adaptive
         self.attention_backend = attention_backend
         self.use_act_checkpoint = use_act_checkpoint
-        self.pixel_mean = None if pixel_mean is None else tuple(float(v) for v in pixel_mean)
-        self.pixel_std = None if pixel_std is None else tuple(float(v) for v in pixel_std)
+        if (pixel_mean is None) != (pixel_std is None):
+            raise ValueError("give both pixel_mean and pixel_std (to undo normalisation for scoring), or neither")
+        for name, values in (("pixel_mean", pixel_mean), ("pixel_std", pixel_std)):
+            if values is not None and len(values) != in_chans:
+                raise ValueError(f"{name} has {len(values)} values for {in_chans} input channels; give one per channel")
+        # Non-persistent buffers: they follow .to(device) and stay out of checkpoints.
+        self.register_buffer("pixel_mean", None if pixel_mean is None else torch.tensor(pixel_mean).float(), False)
+        self.register_buffer("pixel_std", None if pixel_std is None else torch.tensor(pixel_std).float(), False)
         self.scorer = build_scorer(scorer, **dict(scorer_kwargs or {}))
         if self.window_size and self.window_size % (1 << self.schedule.num_levels):
             largest = self.schedule.largest_patch_size

@@ -26,8 +26,8 @@ GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)
 
 def to_intensity(
     images: torch.Tensor,
-    pixel_mean: Sequence[float] | None = None,
-    pixel_std: Sequence[float] | None = None,
+    pixel_mean: Sequence[float] | torch.Tensor | None = None,
+    pixel_std: Sequence[float] | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Grayscale intensities on the raw 0..255 scale.
 
@@ -42,6 +42,7 @@ def to_intensity(
     if pixel_mean is not None or pixel_std is not None:
         if pixel_mean is None or pixel_std is None:
             raise ValueError("give both pixel_mean and pixel_std to undo normalisation, or neither")
+        # Pass tensors already on the images' device to avoid a host-to-device copy per call.
         mean = torch.as_tensor(pixel_mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
         std = torch.as_tensor(pixel_std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
         # Snap to 1/256: the float round trip leaves ~1e-5 noise, which moves integer pixels
@@ -98,8 +99,10 @@ class EntropyScorer:
         )
         slots = self.bins + 1
         flat = (torch.arange(b, device=gray.device).view(b, 1, 1) * (hp * wp) + cell) * slots + idx
-        counts = torch.bincount(flat.flatten(), minlength=b * hp * wp * slots)
-        return counts.view(b, hp, wp, slots)[..., : self.bins].float()
+        # index_put_ with accumulate, not bincount: CUDA bincount reads the max back to the host.
+        counts = torch.zeros(b * hp * wp * slots, dtype=torch.float32, device=gray.device)
+        counts.index_put_((flat.flatten(),), torch.ones((), device=gray.device).expand(flat.numel()), accumulate=True)
+        return counts.view(b, hp, wp, slots)[..., : self.bins]
 
     def __call__(self, gray: torch.Tensor, base_patch_size: int, num_levels: int) -> list[torch.Tensor]:
         if num_levels == 0:

@@ -34,6 +34,7 @@ def parse_args(argv=None):
     p.add_argument("--host", default="eva02_b_det", choices=sorted(HOSTS))
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--setting", default="detection", choices=sorted(APT_SETTINGS))
+    p.add_argument("--no-merge", action="store_true", help="APT path with thresholds that merge nothing (overhead)")
     p.add_argument("--window", type=int, default=None)
     p.add_argument("--depth", type=int, default=None)
     p.add_argument("--batch", type=int, default=None, help="images per batch (default: all sample photos)")
@@ -66,7 +67,7 @@ def main(argv=None) -> int:
     speedup = seconds["dense"] / seconds["apt"]
     record = dict(
         date=dt.date.today().isoformat(), host=args.host, size=args.size, setting=args.setting,
-        thresholds={str(k): v for k, v in APT_SETTINGS[args.setting].items()}, window=apt.window_size,
+        thresholds={str(k): v for k, v in apt.schedule.threshold_map().items()}, window=apt.window_size,
         depth=len(apt.blocks), batch=len(photos), device=args.device,
         device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
         threads=torch.get_num_threads(), dtype=args.dtype, torch=torch.__version__,
@@ -80,7 +81,8 @@ def main(argv=None) -> int:
         f.write(json.dumps(record) + "\n")
     print("| host | size | setting | device | dtype | kept mean (min-max) | dense img/s | APT img/s | speedup | ideal | achieved/ideal |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    print(f"| {args.host} | {args.size} | {args.setting} | {record['device_name']} x{record['threads']} | {args.dtype} | "
+    setting = "merging off" if args.no_merge else args.setting
+    print(f"| {args.host} | {args.size} | {setting} | {record['device_name']} x{record['threads']} | {args.dtype} | "
           f"{kept.mean():.1%} ({kept.min():.1%}-{kept.max():.1%}) | {1 / record['dense_s_per_img']:.3f} | "
           f"{1 / record['apt_s_per_img']:.3f} | {speedup:.2f}x | {ideal:.2f}x | {speedup / ideal:.2f} |")
     return 0

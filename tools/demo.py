@@ -42,9 +42,12 @@ def build_models(args) -> tuple[APTViT, APTViT]:
         overrides["depth"] = args.depth
         overrides["window_block_indexes"] = tuple(i for i in host.get("window_block_indexes", ()) if i < args.depth)
     kwargs = host_kwargs(args.host, **overrides)
+    thresholds = APT_SETTINGS[args.setting]
+    if getattr(args, "no_merge", False):
+        thresholds = {size: 0.0 for size in thresholds}  # scoring and packing run, nothing merges
     torch.manual_seed(0)
-    apt = APTViT(**kwargs, thresholds=APT_SETTINGS[args.setting]).eval()
-    dense = APTViT(**kwargs, thresholds=APT_SETTINGS[args.setting], adaptive=False).eval()
+    apt = APTViT(**kwargs, thresholds=thresholds).eval()
+    dense = APTViT(**kwargs, thresholds=thresholds, adaptive=False).eval()
     dense.load_state_dict(apt.state_dict())
     return apt.to(args.device), dense.to(args.device)
 
