@@ -105,8 +105,13 @@ class PatchLayout:
 
     def token_centers(self) -> torch.Tensor:
         """``(N, 2)`` float32 centre (row, col) of each token in base cells (image frame)."""
-        half_span = ((1 << self.token_level).float() - 1.0) / 2.0
-        return self.token_cell.float() + half_span.unsqueeze(1)
+        return patch_centers(self.token_cell, self.token_level)
+
+
+def patch_centers(top_left: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+    """``(N, 2)`` float32 centres of ``2^level``-cell patches given their ``(N, 2)`` top-left cells."""
+    half_span = ((1 << level).float() - 1.0) / 2.0
+    return top_left.float() + half_span.unsqueeze(1)
 
 
 def select_levels(scores: Sequence[torch.Tensor], thresholds: Sequence[float]) -> torch.Tensor:
@@ -190,7 +195,8 @@ def build_layout(
 
     Args:
         cell_level: ``(B, Hc, Wc)`` from :func:`select_levels`, or None for a dense layout (every
-            cell a base patch; then no host sync happens at all).
+            cell a base patch; its counts are known, so there is no host sync unless
+            ``sync_flags`` asks for one).
         window_size: window side in base cells, 0 without window attention.
         sync_flags: optional ``(F,)`` int64 device values that the caller needs on the host;
             they travel with the layout's single host sync and are returned.
@@ -202,14 +208,14 @@ def build_layout(
     hp, wp = geo.padded
     b = batch_size
     num_windows = len(geo.real_cells)
+    rows = torch.arange(hc, device=device).view(1, hc, 1)
+    cols = torch.arange(wc, device=device).view(1, 1, wc)
     dense = cell_level is None
     if dense:
         cell_level = torch.zeros(b, hc, wc, dtype=torch.int64, device=device)
         anchors = torch.ones(b, hc, wc, dtype=torch.bool, device=device)
     else:
         step = 1 << cell_level
-        rows = torch.arange(hc, device=device).view(1, hc, 1)
-        cols = torch.arange(wc, device=device).view(1, 1, wc)
         anchors = (rows % step == 0) & (cols % step == 0)
     anchors_padded = F.pad(anchors, (0, wp - wc, 0, hp - hc)) if (hp, wp) != (hc, wc) else anchors
     anchors_ordered = anchors_padded.flatten(1)[:, geo.cell_order]  # (B, Hp*Wp) window-major
@@ -241,8 +247,6 @@ def build_layout(
 
     token_at_raster = torch.empty(b * hp * wp, dtype=torch.int64, device=device)
     token_at_raster[ordered_raster] = token_of_ordered
-    rows = torch.arange(hc, device=device).view(1, hc, 1)
-    cols = torch.arange(wc, device=device).view(1, 1, wc)
     anchor_row = (rows >> cell_level) << cell_level
     anchor_col = (cols >> cell_level) << cell_level
     image = torch.arange(b, device=device).view(b, 1, 1)
@@ -250,6 +254,17 @@ def build_layout(
 
     per_image = counts.view(b, num_windows).sum(1)
     per_image_host = counts_host.reshape(b, num_windows).sum(1)
+    centers = patch_centers(token_cell, token_level)
+    images = PackedSequences(
+        cu_seqlens=_cumsum0(per_image),
+        lengths=per_image_host,
+        max_len=int(per_image_host.max()),
+        positions=centers,
+        frame_size=(hc, wc),
+    )
+    windows = None
+    if window_size > 0:
+        windows = _window_sequences(window_size, b, geo, counts, counts_host, centers, in_image)
     layout = PatchLayout(
         grid_size=(hc, wc),
         window_size=window_size,
@@ -260,24 +275,15 @@ def build_layout(
         cell_to_token=cell_to_token,
         tokens_per_image=per_image,
         tokens_per_image_host=tuple(int(n) for n in per_image_host),
-        images=None,  # set below
-        windows=None,
+        images=images,
+        windows=windows,
     )
-    centers = layout.token_centers()
-    layout.images = PackedSequences(
-        cu_seqlens=_cumsum0(per_image),
-        lengths=per_image_host,
-        max_len=int(per_image_host.max()),
-        positions=centers,
-        frame_size=(hc, wc),
-    )
-    if window_size > 0:
-        layout.windows = _window_sequences(layout, geo, counts, counts_host, centers, in_image)
     return layout, flags_host
 
 
 def _window_sequences(
-    layout: PatchLayout,
+    window: int,
+    b: int,
     geo: _Geometry,
     counts: torch.Tensor,
     counts_host: np.ndarray,
@@ -286,8 +292,6 @@ def _window_sequences(
 ) -> PackedSequences:
     """One sequence per window: its tokens, then its zero-padding cells (padded windows only)."""
     device = centers.device
-    window = layout.window_size
-    b = layout.batch_size
     origin = geo.window_origin_of_cell[in_image].float()
     positions = centers - origin
     full = window * window
@@ -300,7 +304,7 @@ def _window_sequences(
             positions=positions,
             frame_size=(window, window),
         )
-    num_tokens = layout.num_tokens
+    num_tokens = len(centers)
     pads_host = np.tile(pad_per_window, b)
     num_pads = int(pads_host.sum())
     pads = geo.pad_cells.repeat(b)

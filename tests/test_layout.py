@@ -141,3 +141,25 @@ def test_schedule_forms_and_errors():
         PatchSchedule.create(16, [1.0])
     with pytest.raises(TypeError, match="mapping"):
         PatchSchedule.create(16, 5.5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    photo=st.integers(0, 4),
+    top=st.floats(0, 0.5),
+    left=st.floats(0, 0.5),
+    cells=st.tuples(st.integers(1, 4), st.integers(1, 4)),
+    thresholds=st.tuples(st.floats(0, 9), st.floats(0, 9)),
+    window=st.sampled_from([0, 4, 8, 12]),
+)
+def test_layout_invariants_real_photo_crops(photos, photo, top, left, cells, thresholds, window):
+    """Random crops of real photos (sizes in multiples of 64 px), random entropy thresholds."""
+    image = photos[photo]
+    h, w = cells[0] * 64, cells[1] * 64
+    r0, c0 = int(top * (image.shape[0] - h)) if image.shape[0] > h else 0, int(left * (image.shape[1] - w)) if image.shape[1] > w else 0
+    crop = torch.from_numpy(image[r0 : r0 + h, c0 : c0 + w]).permute(2, 0, 1).float()
+    crop = torch.nn.functional.pad(crop, (0, w - crop.shape[2], 0, h - crop.shape[1]))
+    model = APTViT(img_size=256, embed_dim=32, depth=1, num_heads=2, thresholds=dict(zip((32, 64), thresholds)),
+                   window_size=window, window_block_indexes=(0,) if window else ())
+    layout = model.build_layout(crop.unsqueeze(0))
+    check_layout(layout, window)
