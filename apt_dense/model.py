@@ -62,6 +62,8 @@ class APTViT(nn.Module):
         scorer_kwargs: options of a named scorer (e.g. ``{"bins": 256}`` for entropy).
         pixel_mean, pixel_std: per-channel (0..255 scale) normalisation of the input, undone for
             scoring. None when inputs are raw 0..255 pixels.
+        input_format: channel order of the input, ``"RGB"`` or ``"BGR"`` (for the grayscale
+            weights of the scorer; ``pixel_mean``/``pixel_std`` are in the same order).
         attention_backend: ``"auto"``, ``"flash_attn"``, ``"torch_varlen"`` or ``"sdpa"``.
     """
 
@@ -98,6 +100,7 @@ class APTViT(nn.Module):
         scorer_kwargs: Mapping[str, object] | None = None,
         pixel_mean: Sequence[float] | None = None,
         pixel_std: Sequence[float] | None = None,
+        input_format: str = "RGB",
         attention_backend: str = "auto",
     ):
         super().__init__()
@@ -141,6 +144,9 @@ class APTViT(nn.Module):
         # Non-persistent buffers: they follow .to(device) and stay out of checkpoints.
         self.register_buffer("pixel_mean", None if pixel_mean is None else torch.tensor(pixel_mean).float(), False)
         self.register_buffer("pixel_std", None if pixel_std is None else torch.tensor(pixel_std).float(), False)
+        if input_format not in ("RGB", "BGR"):
+            raise ValueError(f"input_format must be 'RGB' or 'BGR', got {input_format!r}")
+        self.input_format = input_format
         self.scorer = build_scorer(scorer, **dict(scorer_kwargs or {}))
         if self.window_size and self.window_size % (1 << self.schedule.num_levels):
             largest = self.schedule.largest_patch_size
@@ -237,7 +243,7 @@ class APTViT(nn.Module):
         cell_level = None
         if self.merges:
             with torch.no_grad():
-                gray = to_intensity(images, self.pixel_mean, self.pixel_std)
+                gray = to_intensity(images, self.pixel_mean, self.pixel_std, self.input_format)
                 scores = self.scorer(gray, self.patch_size, self.schedule.num_levels)
                 cell_level = select_levels(scores, self.schedule.thresholds)
         layout, (bad,) = build_layout(

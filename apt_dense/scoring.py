@@ -28,16 +28,20 @@ def to_intensity(
     images: torch.Tensor,
     pixel_mean: Sequence[float] | torch.Tensor | None = None,
     pixel_std: Sequence[float] | torch.Tensor | None = None,
+    channel_order: str = "RGB",
 ) -> torch.Tensor:
     """Grayscale intensities on the raw 0..255 scale.
 
     Args:
         images: ``(B, C, H, W)`` float; raw 0..255 values, or normalised values when
             ``pixel_mean``/``pixel_std`` (0..255 scale, one per channel) are given to undo.
+        channel_order: ``"RGB"`` or ``"BGR"`` (detectron2's yacs default), for three channels.
     Returns:
         ``(B, H, W)`` float32. Images with one channel are used as they are; three channels are
-        combined with :data:`GRAY_WEIGHTS` (RGB order).
+        combined with :data:`GRAY_WEIGHTS`.
     """
+    if channel_order not in ("RGB", "BGR"):
+        raise ValueError(f"channel_order must be 'RGB' or 'BGR', got {channel_order!r}")
     x = images.float()
     if pixel_mean is not None or pixel_std is not None:
         if pixel_mean is None or pixel_std is None:
@@ -52,7 +56,7 @@ def to_intensity(
         return x[:, 0]
     if x.shape[1] != 3:
         raise ValueError(f"scoring needs 1 or 3 channels, got {x.shape[1]}")
-    r, g, b = x.unbind(1)
+    r, g, b = x.unbind(1) if channel_order == "RGB" else x.unbind(1)[::-1]
     return GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b
 
 

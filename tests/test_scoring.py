@@ -72,6 +72,14 @@ def test_entropy_undoes_normalisation(photos):
         torch.testing.assert_close(a, b, atol=0, rtol=0)  # integer pixels come back exactly
 
 
+def test_bgr_input_scores_like_rgb(photos):
+    images = photo_batch(photos, 64, count=2)
+    rgb = to_intensity(images)
+    torch.testing.assert_close(to_intensity(images.flip(1), channel_order="BGR"), rgb)
+    with pytest.raises(ValueError, match="channel_order"):
+        to_intensity(images, channel_order="RGBA")
+
+
 def test_entropy_other_bin_counts():
     gray = torch.rand(1, 64, 64) * 255
     scorer = EntropyScorer(bins=64)

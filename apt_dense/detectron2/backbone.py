@@ -1,0 +1,184 @@
+"""``APTViT`` as a detectron2 ``Backbone`` with detectron2's ``ViT`` arguments and outputs."""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from functools import partial
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import BACKBONE_REGISTRY, Backbone, SimpleFeaturePyramid
+from detectron2.modeling.backbone.fpn import LastLevelMaxPool
+from detectron2.utils.events import get_event_storage
+
+from ..model import APTViT as CoreAPTViT
+
+__all__ = ["APTViT", "add_apt_vit_config", "build_apt_vit_fpn_backbone"]
+
+
+class APTViT(CoreAPTViT, Backbone):
+    """detectron2's ``ViT`` (ViTDet) / EVA-02's ``ViT`` with Adaptive Patch Transformers.
+
+    Takes every argument of detectron2's ``ViT`` (and EVA-02's ``rope``/``pt_hw_seq_len``/
+    ``intp_freq``/``xattn``), plus the APT arguments of :class:`apt_dense.APTViT`. Returns
+    ``{out_feature: (B, C, H/16, W/16)}`` like ``ViT``; parameters keep ``ViT``'s names, so
+    ``backbone.net.*`` checkpoints load unchanged.
+
+    With adaptive patching on, inputs are zero-padded (bottom/right) to a multiple of the largest
+    patch and the output cropped back; ViTDet configs already pad to a square of 1024 / 1536.
+    Tokens kept per image are logged to detectron2's event storage during training
+    (``apt/kept_fraction``) and accumulated in :attr:`token_stats`.
+    """
+
+    def __init__(
+        self,
+        img_size: int = 1024,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path_rate: float = 0.0,
+        norm_layer: type[nn.Module] = nn.LayerNorm,
+        act_layer: type[nn.Module] = nn.GELU,
+        use_abs_pos: bool = True,
+        use_rel_pos: bool = False,
+        rel_pos_zero_init: bool = True,
+        window_size: int = 0,
+        window_block_indexes: Sequence[int] = (),
+        residual_block_indexes: Sequence[int] = (),
+        use_act_checkpoint: bool = False,
+        pretrain_img_size: int = 224,
+        pretrain_use_cls_token: bool = True,
+        out_feature: str = "last_feat",
+        rope: bool = False,
+        pt_hw_seq_len: int = 16,
+        intp_freq: bool = True,
+        xattn: bool = True,
+        *,
+        adaptive: bool = True,
+        thresholds: Mapping[int, float] | Sequence[float] | None = None,
+        patch_sizes: Sequence[int] | None = None,
+        scorer: str | object = "entropy",
+        scorer_kwargs: Mapping[str, object] | None = None,
+        pixel_mean: Sequence[float] | None = None,
+        pixel_std: Sequence[float] | None = None,
+        input_format: str = "RGB",
+        attention_backend: str = "auto",
+    ):
+        if residual_block_indexes:
+            raise ValueError(
+                "residual_block_indexes (conv blocks between transformer blocks) are not supported "
+                "by APTViT; ViTDet's released configs leave them empty"
+            )
+        if rope and not intp_freq:
+            raise ValueError("EVA-02 RoPE without intp_freq is not supported; set intp_freq=True")
+        del xattn  # EVA-02's xformers switch: APTViT picks its own attention backend
+        super().__init__(
+            img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, depth=depth,
+            num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_path_rate=drop_path_rate,
+            norm_layer=norm_layer, act_layer=act_layer, use_abs_pos=use_abs_pos, use_rel_pos=use_rel_pos,
+            rel_pos_zero_init=rel_pos_zero_init, window_size=window_size,
+            window_block_indexes=window_block_indexes, use_act_checkpoint=use_act_checkpoint,
+            pretrain_img_size=pretrain_img_size, pretrain_use_cls_token=pretrain_use_cls_token,
+            block_type="eva02" if rope else "vitdet", rope_pretrain_len=pt_hw_seq_len,
+            out_indices=(depth - 1,), adaptive=adaptive, thresholds=thresholds, patch_sizes=patch_sizes,
+            scorer=scorer, scorer_kwargs=scorer_kwargs, pixel_mean=pixel_mean, pixel_std=pixel_std,
+            input_format=input_format, attention_backend=attention_backend,
+        )
+        self._out_features = [out_feature]
+        self._out_feature_channels = {out_feature: embed_dim}
+        self._out_feature_strides = {out_feature: patch_size}
+        self.token_stats = {"images": 0, "tokens": 0, "cells": 0}
+
+    @property
+    def size_divisibility(self) -> int:
+        return self.schedule.largest_patch_size if self.merges else self.patch_size
+
+    def reset_token_stats(self) -> None:
+        self.token_stats = {"images": 0, "tokens": 0, "cells": 0}
+
+    @property
+    def mean_kept_fraction(self) -> float:
+        """Mean fraction of tokens kept over the images seen since the last reset."""
+        return self.token_stats["tokens"] / max(1, self.token_stats["cells"])
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h, w = x.shape[-2:]
+        unit = self.size_divisibility
+        pad_h, pad_w = (-h) % unit, (-w) % unit
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h))
+        out = CoreAPTViT.forward(self, x)
+        feature = out.features[0]
+        if pad_h or pad_w:
+            feature = feature[..., : h // self.patch_size, : w // self.patch_size]
+        self._record(out.layout)
+        return {self._out_features[0]: feature}
+
+    def _record(self, layout) -> None:
+        kept = layout.tokens_per_image_host
+        cells = layout.grid_size[0] * layout.grid_size[1]
+        self.token_stats["images"] += len(kept)
+        self.token_stats["tokens"] += sum(kept)
+        self.token_stats["cells"] += cells * len(kept)
+        if self.training:
+            try:
+                storage = get_event_storage()
+            except AssertionError:  # outside detectron2's training loop
+                return
+            storage.put_scalar("apt/kept_fraction", sum(kept) / (cells * len(kept)))
+
+
+def add_apt_vit_config(cfg) -> None:
+    """Add ``MODEL.APT_VIT`` keys (yacs) for :func:`build_apt_vit_fpn_backbone`."""
+    from detectron2.config import CfgNode as CN
+
+    cfg.MODEL.APT_VIT = CN()
+    c = cfg.MODEL.APT_VIT
+    c.IMG_SIZE = 1024
+    c.PATCH_SIZE = 16
+    c.EMBED_DIM = 768
+    c.DEPTH = 12
+    c.NUM_HEADS = 12
+    c.MLP_RATIO = 4.0
+    c.DROP_PATH_RATE = 0.1
+    c.WINDOW_SIZE = 14
+    c.WINDOW_BLOCK_INDEXES = [0, 1, 3, 4, 6, 7, 9, 10]
+    c.USE_REL_POS = True
+    c.ROPE = False  # True: EVA-02 blocks
+    c.USE_ACT_CHECKPOINT = False
+    c.PRETRAIN_IMG_SIZE = 224
+    c.OUT_CHANNELS = 256
+    c.SQUARE_PAD = 1024
+    c.ADAPTIVE = True
+    c.PATCH_SIZES = [16, 32]
+    c.THRESHOLDS = [5.5]  # ascending: thresholds[i] belongs to PATCH_SIZES[i + 1]
+    c.SCORER = "entropy"
+    c.ATTENTION_BACKEND = "auto"
+
+
+@BACKBONE_REGISTRY.register()
+def build_apt_vit_fpn_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
+    """yacs builder: ``MODEL.BACKBONE.NAME = "build_apt_vit_fpn_backbone"`` after
+    :func:`add_apt_vit_config`. Returns ViTDet's ``SimpleFeaturePyramid`` (p2..p6) on APTViT."""
+    c = cfg.MODEL.APT_VIT
+    if input_shape.channels != 3:
+        raise ValueError(f"APTViT expects 3 input channels, got {input_shape.channels}")
+    net = APTViT(
+        img_size=c.IMG_SIZE, patch_size=c.PATCH_SIZE, embed_dim=c.EMBED_DIM, depth=c.DEPTH,
+        num_heads=c.NUM_HEADS, mlp_ratio=c.MLP_RATIO, drop_path_rate=c.DROP_PATH_RATE,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6), window_size=c.WINDOW_SIZE,
+        window_block_indexes=tuple(c.WINDOW_BLOCK_INDEXES), use_rel_pos=c.USE_REL_POS, rope=c.ROPE,
+        use_act_checkpoint=c.USE_ACT_CHECKPOINT, pretrain_img_size=c.PRETRAIN_IMG_SIZE,
+        adaptive=c.ADAPTIVE, patch_sizes=tuple(c.PATCH_SIZES), thresholds=tuple(c.THRESHOLDS),
+        scorer=c.SCORER, pixel_mean=tuple(cfg.MODEL.PIXEL_MEAN), pixel_std=tuple(cfg.MODEL.PIXEL_STD),
+        input_format=cfg.INPUT.FORMAT, attention_backend=c.ATTENTION_BACKEND,
+    )
+    return SimpleFeaturePyramid(
+        net, in_feature="last_feat", out_channels=c.OUT_CHANNELS, scale_factors=(4.0, 2.0, 1.0, 0.5),
+        top_block=LastLevelMaxPool(), norm="LN", square_pad=c.SQUARE_PAD,
+    )
