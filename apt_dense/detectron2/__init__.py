@@ -14,7 +14,8 @@ except ImportError as err:  # pragma: no cover - exercised only without detectro
     ) from err
 
 from .backbone import APTViT, add_apt_vit_config, build_apt_vit_fpn_backbone
-from .checkpoint import APTCheckpointer, convert_eva02_pretrain, load_backbone_checkpoint
+from ..checkpoints import convert_eva02_pretrain
+from .checkpoint import APTCheckpointer, load_backbone_checkpoint
 from .lr_decay import get_apt_vit_lr_decay_rate
 from .swap import swap_to_apt
 

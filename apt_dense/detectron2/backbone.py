@@ -28,7 +28,7 @@ class APTViT(CoreAPTViT, Backbone):
     With adaptive patching on, inputs are zero-padded (bottom/right) to a multiple of the largest
     patch and the output cropped back; ViTDet configs already pad to a square of 1024 / 1536.
     Tokens kept per image are logged to detectron2's event storage during training
-    (``apt/kept_fraction``) and accumulated in :attr:`token_stats`.
+    (``apt_train/kept_fraction``) and accumulated in :attr:`token_stats`.
     """
 
     def __init__(
@@ -130,7 +130,7 @@ class APTViT(CoreAPTViT, Backbone):
                 storage = get_event_storage()
             except AssertionError:  # outside detectron2's training loop
                 return
-            storage.put_scalar("apt/kept_fraction", sum(kept) / (cells * len(kept)))
+            storage.put_scalar("apt_train/kept_fraction", sum(kept) / (cells * len(kept)))
 
 
 def add_apt_vit_config(cfg) -> None:

@@ -7,29 +7,15 @@ checkpoint cannot have) and drops EVA-02's RoPE buffers, which APTViT recomputes
 from __future__ import annotations
 
 import logging
-import re
-from collections.abc import Mapping
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-__all__ = ["APTCheckpointer", "is_apt_layer", "is_recomputed_buffer", "convert_eva02_pretrain", "load_backbone_checkpoint"]
+from ..checkpoints import is_apt_layer, is_recomputed_buffer
+
+__all__ = ["APTCheckpointer", "load_backbone_checkpoint"]
 
 logger = logging.getLogger(__name__)
-
-_APT_LAYER = re.compile(r"(^|\.)patch_embed\.(downsample|detail)\.")
-_ROPE_BUFFER = re.compile(r"(^|\.)(rope|rope_win|rope_glb)\.freqs_(cos|sin)$")
-
-
-def is_apt_layer(key: str) -> bool:
-    """The layers APT adds to a host ViT (absent from every host checkpoint)."""
-    return bool(_APT_LAYER.search(key))
-
-
-def is_recomputed_buffer(key: str) -> bool:
-    """EVA-02's fixed RoPE tables; APTViT computes RoPE at token centres instead."""
-    return bool(_ROPE_BUFFER.search(key))
-
 
 class APTCheckpointer(DetectionCheckpointer):
     """``DetectionCheckpointer`` for models with an APT backbone (see module docstring)."""
@@ -63,27 +49,3 @@ def load_backbone_checkpoint(model: torch.nn.Module, path: str) -> APTCheckpoint
     checkpointer = APTCheckpointer(model)
     checkpointer.load(path)
     return checkpointer
-
-
-_PRETRAIN_ONLY = re.compile(r"^(mask_token|lm_head\.|norm\.|fc_norm\.|head\.|cls_token$|rel_pos_bias\.)")
-
-
-def convert_eva02_pretrain(state: Mapping[str, torch.Tensor], prefix: str = "backbone.net.") -> tuple[dict, list[str]]:
-    """EVA-02 pretraining weights (``eva02_*_p14to16.pt``: unprefixed, with ``mask_token``,
-    ``lm_head.*`` and pretraining-size RoPE tables) to a detection checkpoint's ``backbone.net.*``.
-
-    Returns:
-        ``(state_dict, dropped_keys)``; every input key is either converted or listed as dropped.
-    """
-    for wrapper in ("model", "module", "state_dict"):
-        if wrapper in state and isinstance(state[wrapper], Mapping):
-            state = state[wrapper]
-    converted, dropped = {}, []
-    for key, value in state.items():
-        if _PRETRAIN_ONLY.search(key) or is_recomputed_buffer(key):
-            dropped.append(key)
-        else:
-            converted[prefix + key] = value
-    if not any(k.startswith(prefix + "blocks.") for k in converted):
-        raise ValueError("no transformer blocks ('blocks.N.*') found: is this an EVA-02 pretraining checkpoint?")
-    return converted, dropped

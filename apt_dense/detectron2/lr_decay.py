@@ -1,7 +1,7 @@
 """Layer-wise learning-rate decay that knows the APT layers."""
 from __future__ import annotations
 
-from .checkpoint import is_apt_layer
+from ..checkpoints import is_apt_layer
 
 __all__ = ["get_apt_vit_lr_decay_rate", "apt_layer_names"]
 
