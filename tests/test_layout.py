@@ -1,6 +1,5 @@
 """Layout invariants, property-based on random scores and checked on real photos."""
 import hypothesis.strategies as st
-import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings

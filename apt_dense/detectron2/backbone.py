@@ -1,7 +1,7 @@
 """``APTViT`` as a detectron2 ``Backbone`` with detectron2's ``ViT`` arguments and outputs."""
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from functools import partial
 
 import torch
@@ -20,7 +20,7 @@ __all__ = ["APTViT", "add_apt_vit_config", "build_apt_vit_fpn_backbone"]
 class APTViT(CoreAPTViT, Backbone):
     """detectron2's ``ViT`` (ViTDet) / EVA-02's ``ViT`` with Adaptive Patch Transformers.
 
-    Takes every argument of detectron2's ``ViT`` (and EVA-02's ``rope``/``pt_hw_seq_len``/
+    Takes every keyword argument of detectron2's ``ViT`` (and EVA-02's ``rope``/``pt_hw_seq_len``/
     ``intp_freq``/``xattn``), plus the APT arguments of :class:`apt_dense.APTViT`. Returns
     ``{out_feature: (B, C, H/16, W/16)}`` like ``ViT``; parameters keep ``ViT``'s names, so
     ``backbone.net.*`` checkpoints load unchanged.
@@ -33,42 +33,25 @@ class APTViT(CoreAPTViT, Backbone):
 
     def __init__(
         self,
-        img_size: int = 1024,
-        patch_size: int = 16,
-        in_chans: int = 3,
-        embed_dim: int = 768,
-        depth: int = 12,
-        num_heads: int = 12,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
-        drop_path_rate: float = 0.0,
-        norm_layer: type[nn.Module] = nn.LayerNorm,
-        act_layer: type[nn.Module] = nn.GELU,
-        use_abs_pos: bool = True,
-        use_rel_pos: bool = False,
-        rel_pos_zero_init: bool = True,
-        window_size: int = 0,
-        window_block_indexes: Sequence[int] = (),
-        residual_block_indexes: Sequence[int] = (),
-        use_act_checkpoint: bool = False,
-        pretrain_img_size: int = 224,
-        pretrain_use_cls_token: bool = True,
+        *,
         out_feature: str = "last_feat",
+        residual_block_indexes: Sequence[int] = (),
         rope: bool = False,
         pt_hw_seq_len: int = 16,
         intp_freq: bool = True,
         xattn: bool = True,
-        *,
-        adaptive: bool = True,
-        thresholds: Mapping[int, float] | Sequence[float] | None = None,
-        patch_sizes: Sequence[int] | None = None,
-        scorer: str | object = "entropy",
-        scorer_kwargs: Mapping[str, object] | None = None,
-        pixel_mean: Sequence[float] | None = None,
-        pixel_std: Sequence[float] | None = None,
-        input_format: str = "RGB",
-        attention_backend: str = "auto",
+        **kwargs,
     ):
+        """
+        Args:
+            out_feature, residual_block_indexes: as in detectron2's ``ViT`` (residual conv blocks
+                are not supported and must stay empty).
+            rope, pt_hw_seq_len, intp_freq, xattn: EVA-02's: ``rope=True`` selects EVA-02 blocks;
+                ``xattn`` is ignored (APTViT chooses its attention backend).
+            **kwargs: every other argument, with detectron2 ``ViT``'s names (``img_size``,
+                ``embed_dim``, ``window_block_indexes``, ...) and the APT ones (``thresholds``,
+                ``pixel_mean``, ...), see :class:`apt_dense.APTViT`.
+        """
         if residual_block_indexes:
             raise ValueError(
                 "residual_block_indexes (conv blocks between transformer blocks) are not supported "
@@ -76,22 +59,13 @@ class APTViT(CoreAPTViT, Backbone):
             )
         if rope and not intp_freq:
             raise ValueError("EVA-02 RoPE without intp_freq is not supported; set intp_freq=True")
-        del xattn  # EVA-02's xformers switch: APTViT picks its own attention backend
-        super().__init__(
-            img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, depth=depth,
-            num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_path_rate=drop_path_rate,
-            norm_layer=norm_layer, act_layer=act_layer, use_abs_pos=use_abs_pos, use_rel_pos=use_rel_pos,
-            rel_pos_zero_init=rel_pos_zero_init, window_size=window_size,
-            window_block_indexes=window_block_indexes, use_act_checkpoint=use_act_checkpoint,
-            pretrain_img_size=pretrain_img_size, pretrain_use_cls_token=pretrain_use_cls_token,
-            block_type="eva02" if rope else "vitdet", rope_pretrain_len=pt_hw_seq_len,
-            out_indices=(depth - 1,), adaptive=adaptive, thresholds=thresholds, patch_sizes=patch_sizes,
-            scorer=scorer, scorer_kwargs=scorer_kwargs, pixel_mean=pixel_mean, pixel_std=pixel_std,
-            input_format=input_format, attention_backend=attention_backend,
-        )
+        del xattn
+        super().__init__(block_type="eva02" if rope else "vitdet", rope_pretrain_len=pt_hw_seq_len, **kwargs)
+        if len(self.out_indices) != 1 or self.out_indices[0] != len(self.blocks) - 1:
+            raise ValueError("the detectron2 backbone returns the last block's output; do not set out_indices")
         self._out_features = [out_feature]
-        self._out_feature_channels = {out_feature: embed_dim}
-        self._out_feature_strides = {out_feature: patch_size}
+        self._out_feature_channels = {out_feature: self.embed_dim}
+        self._out_feature_strides = {out_feature: self.patch_size}
         self.token_stats = {"images": 0, "tokens": 0, "cells": 0}
 
     @property
