@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["PackedSequences", "PatchLayout", "select_levels", "build_layout"]
+__all__ = ["PackedSequences", "PatchLayout", "select_levels", "build_layout", "prepend_image_tokens"]
 
 
 @dataclass(eq=False)
@@ -37,6 +37,7 @@ class PackedSequences:
         gather: ``(T,)`` token index of every slot, ``num_tokens`` for a padding slot; None when
             slots are exactly the tokens.
         scatter: ``(N,)`` slot of every token; None when slots are exactly the tokens.
+        prefix: ``(T,)`` bool marking per-image prefix slots (a cls token), or None.
     """
 
     cu_seqlens: torch.Tensor
@@ -46,6 +47,7 @@ class PackedSequences:
     frame_size: tuple[int, int]
     gather: torch.Tensor | None = None
     scatter: torch.Tensor | None = None
+    prefix: torch.Tensor | None = None
     cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -335,3 +337,31 @@ def _window_sequences(
         gather=gather,
         scatter=scatter,
     )
+
+
+def prepend_image_tokens(layout: PatchLayout) -> tuple[PackedSequences, torch.Tensor, torch.Tensor]:
+    """Image sequences with one prefix slot (a cls token) before each image's tokens.
+
+    Returns:
+        The sequences (slot order: ``[cls_0, tokens of image 0, cls_1, ...]``; prefix slots sit at
+        position (0, 0) and are marked in ``prefix``), the ``(N,)`` slot of every token and the
+        ``(B,)`` slot of every prefix.
+    """
+    seqs = layout.images
+    b, n = layout.batch_size, layout.num_tokens
+    device = seqs.positions.device
+    token_slot = torch.arange(n, device=device) + layout.token_image + 1
+    prefix_slot = seqs.cu_seqlens[:-1].long() + torch.arange(b, device=device)
+    positions = seqs.positions.new_zeros(n + b, 2)
+    positions[token_slot] = seqs.positions
+    prefix = torch.zeros(n + b, dtype=torch.bool, device=device)
+    prefix[prefix_slot] = True
+    prefixed = PackedSequences(
+        cu_seqlens=seqs.cu_seqlens + torch.arange(b + 1, dtype=torch.int32, device=device),
+        lengths=seqs.lengths + 1,
+        max_len=seqs.max_len + 1,
+        positions=positions,
+        frame_size=seqs.frame_size,
+        prefix=prefix,
+    )
+    return prefixed, token_slot, prefix_slot

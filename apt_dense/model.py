@@ -12,7 +12,7 @@ from .attention import BACKENDS, resolve_backend
 from .blocks import AttentionContext, Block, EVA02Attention, Mlp, PackedContext, SwiGLU, ViTDetAttention
 from .dense_map import tokens_to_dense
 from .embedding import AdaptivePatchEmbed, abs_pos_grid, area_pooled_levels, gather_level_maps, layout_is_dense
-from .layout import PatchLayout, build_layout, select_levels
+from .layout import PackedSequences, PatchLayout, build_layout, prepend_image_tokens, select_levels
 from .positions import rope_tables
 from .schedule import PatchSchedule
 from .scoring import build_scorer, to_intensity
@@ -46,6 +46,9 @@ class APTViT(nn.Module):
     Args:
         img_size: the size the host was configured for; sets the RoPE grid of global blocks
             (``img_size // patch_size`` cells) and the relative-position table size.
+        use_cls_token: a learned cls token leads every image's sequence (EVA-02 segmentation /
+            BEiT style; global attention only, no RoPE on it); it takes the position embedding's
+            cls entry and is not part of the dense outputs.
         block_type: ``"vitdet"`` (fused qkv, GELU MLP, optional relative positions) or
             ``"eva02"`` (q/k/v projections with q/v biases, 2D RoPE, SwiGLU with sub-LN).
         window_size: window side in cells for ``window_block_indexes`` (0: none).
@@ -88,6 +91,7 @@ class APTViT(nn.Module):
         use_act_checkpoint: bool = False,
         pretrain_img_size: int = 224,
         pretrain_use_cls_token: bool = True,
+        use_cls_token: bool = False,
         block_type: str = "vitdet",
         rope_pretrain_len: int = 16,
         rope_theta: float = 10000.0,
@@ -112,6 +116,10 @@ class APTViT(nn.Module):
         if attention_backend not in BACKENDS:
             raise ValueError(f"unknown attention backend {attention_backend!r}; choose one of {BACKENDS}")
         window_block_indexes = tuple(window_block_indexes)
+        if use_cls_token and window_block_indexes:
+            raise ValueError("a cls token needs global attention in every block; drop window_block_indexes")
+        if use_cls_token and use_abs_pos and not pretrain_use_cls_token:
+            raise ValueError("use_cls_token needs a position embedding with a cls entry (pretrain_use_cls_token=True)")
         if window_block_indexes and window_size <= 0:
             raise ValueError("window_block_indexes need a positive window_size")
         if any(not 0 <= i < depth for i in window_block_indexes):
@@ -163,6 +171,7 @@ class APTViT(nn.Module):
             self.pos_embed = nn.Parameter(torch.zeros(1, cells + int(pretrain_use_cls_token), embed_dim))
         else:
             self.pos_embed = None
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if use_cls_token else None
 
         drop_rates = [float(x) for x in torch.linspace(0, drop_path_rate, depth)]
         self.blocks = nn.ModuleList()
@@ -179,6 +188,8 @@ class APTViT(nn.Module):
 
         if self.pos_embed is not None:
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.cls_token is not None:
+            nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.apply(self._init_weights)
         self.patch_embed.reset_apt_parameters()
 
@@ -257,17 +268,21 @@ class APTViT(nn.Module):
             raise ValueError("images contain NaN or Inf pixels; clean or drop those images before the model")
         return layout
 
-    def _context(self, layout: PatchLayout) -> PackedContext:
+    def _context(self, layout: PatchLayout, image_seqs: PackedSequences, slot_image: torch.Tensor) -> PackedContext:
         head_dim = self.embed_dim // self.num_heads
 
-        def kind(seqs, frame_len: int) -> AttentionContext:
+        def kind(seqs: PackedSequences, frame_len: int) -> AttentionContext:
             rope = None
             if self.block_type == "eva02":
-                rope = rope_tables(seqs.positions, head_dim, frame_len, self.rope_pretrain_len, self.rope_theta)
+                cos, sin = rope_tables(seqs.positions, head_dim, frame_len, self.rope_pretrain_len, self.rope_theta)
+                if seqs.prefix is not None:  # cls tokens are not rotated (identity rotation)
+                    prefix = seqs.prefix.unsqueeze(1)
+                    cos, sin = cos.masked_fill(prefix, 1.0), sin.masked_fill(prefix, 0.0)
+                rope = (cos, sin)
             return AttentionContext(seqs, rope, self.attention_backend)
 
         window = kind(layout.windows, self.window_size) if layout.windows is not None else None
-        return PackedContext(layout.token_image, layout.batch_size, kind(layout.images, self.rope_grid), window)
+        return PackedContext(slot_image, layout.batch_size, kind(image_seqs, self.rope_grid), window)
 
     def embed(self, images: torch.Tensor, layout: PatchLayout) -> torch.Tensor:
         """``(B, C_in, H, W) -> (N, C)`` tokens with position embeddings."""
@@ -291,7 +306,20 @@ class APTViT(nn.Module):
         """
         layout = self.build_layout(images)
         x = self.embed(images, layout)
-        ctx = self._context(layout)
+        image_seqs, slot_image, token_slot = layout.images, layout.token_image, None
+        if self.cls_token is not None:
+            # The residual stream runs in slot order, cls first in each image's sequence.
+            image_seqs, token_slot, cls_slot = prepend_image_tokens(layout)
+            cls = self.cls_token[0]
+            if self.pos_embed is not None:
+                cls = cls + self.pos_embed[0, :1]
+            b, n = layout.batch_size, layout.num_tokens
+            row_of_slot = torch.empty(n + b, dtype=torch.int64, device=x.device)
+            row_of_slot[token_slot] = torch.arange(n, device=x.device)
+            row_of_slot[cls_slot] = torch.arange(n, n + b, device=x.device)
+            x = torch.cat([x, cls.expand(b, -1)])[row_of_slot]
+            slot_image = torch.cat([layout.token_image, torch.arange(b, device=x.device)])[row_of_slot]
+        ctx = self._context(layout, image_seqs, slot_image)
         wanted = set(self.out_indices)
         by_index = {}
         for i, block in enumerate(self.blocks):
@@ -300,7 +328,7 @@ class APTViT(nn.Module):
             else:
                 x = block(x, ctx)
             if i in wanted:
-                by_index[i] = tokens_to_dense(x, layout)
+                by_index[i] = tokens_to_dense(x if token_slot is None else x[token_slot], layout)
         features = [by_index[i] for i in self.out_indices]
         return APTOutput(features, layout.tokens_per_image, layout)
 

@@ -62,19 +62,25 @@ def _rope(x, hw, frame, pretrain_len=16, theta=10000.0):
     return x * cos + rot * sin
 
 
-def _attention(x, p, cfg, frame_len):
+def _attention(x, p, cfg, frame_len, cls=None):
+    """``x`` (B, h, w, C) plus an optional (B, C) cls token that leads the sequence."""
     b, h, w, c = x.shape
     heads = cfg["num_heads"]
     t = x.reshape(b, h * w, c)
+    prefix = 0
+    if cls is not None:
+        t = torch.cat([cls.unsqueeze(1), t], dim=1)
+        prefix = 1
     if cfg["block_type"] == "vitdet":
         qkv = F.linear(t, p["attn.qkv.weight"], p.get("attn.qkv.bias"))
-        q, k, v = qkv.reshape(b, h * w, 3, heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.reshape(b, prefix + h * w, 3, heads, -1).permute(2, 0, 3, 1, 4)
     else:
         q = F.linear(t, p["attn.q_proj.weight"], p.get("attn.q_bias"))
         k = F.linear(t, p["attn.k_proj.weight"])
         v = F.linear(t, p["attn.v_proj.weight"], p.get("attn.v_bias"))
-        q, k, v = (z.reshape(b, h * w, heads, -1).transpose(1, 2) for z in (q, k, v))
-        q, k = _rope(q, (h, w), frame_len), _rope(k, (h, w), frame_len)
+        q, k, v = (z.reshape(b, prefix + h * w, heads, -1).transpose(1, 2) for z in (q, k, v))
+        q = torch.cat([q[:, :, :prefix], _rope(q[:, :, prefix:], (h, w), frame_len)], dim=2)
+        k = torch.cat([k[:, :, :prefix], _rope(k[:, :, prefix:], (h, w), frame_len)], dim=2)
     scale = q.shape[-1] ** -0.5
     logits = (q * scale) @ k.transpose(-2, -1)
     if "attn.rel_pos_h" in p:
@@ -85,8 +91,9 @@ def _attention(x, p, cfg, frame_len):
         logits = (logits.view(b, heads, h, w, h, w) + rel_h[..., :, None] + rel_w[..., None, :]).view(
             b, heads, h * w, h * w
         )
-    out = (logits.softmax(-1) @ v).transpose(1, 2).reshape(b, h, w, c)
-    return F.linear(out, p["attn.proj.weight"], p["attn.proj.bias"])
+    out = (logits.softmax(-1) @ v).transpose(1, 2).reshape(b, prefix + h * w, c)
+    out = F.linear(out, p["attn.proj.weight"], p["attn.proj.bias"])
+    return out[:, prefix:].reshape(b, h, w, c), (out[:, 0] if prefix else None)
 
 
 def _mlp(x, p, cfg):
@@ -106,20 +113,30 @@ def dense_forward(state: dict, cfg: dict, images: torch.Tensor) -> list[torch.Te
     b, h, w, c = x.shape
     if "pos_embed" in state:
         x = x + _abs_pos(state["pos_embed"], cfg["has_cls"], (h, w))
+    cls = None
+    if "cls_token" in state:
+        cls = state["cls_token"][0, 0].expand(b, c)
+        if "pos_embed" in state:
+            cls = cls + state["pos_embed"][0, 0]
     outs = {}
     for i in range(cfg["depth"]):
         p = {k[len(f"blocks.{i}."):]: v for k, v in state.items() if k.startswith(f"blocks.{i}.")}
-        shortcut = x
-        y = F.layer_norm(x, (c,), p["norm1.weight"], p["norm1.bias"], cfg["eps"])
+        def norm(z, which):
+            return F.layer_norm(z, (c,), p[f"{which}.weight"], p[f"{which}.bias"], cfg["eps"])
+
+        y = norm(x, "norm1")
         ws = cfg["window_size"] if i in cfg["window_block_indexes"] else 0
         if ws:
             y, padded = _partition(y, ws)
-            y = _attention(y, p, cfg, ws)
+            y, _ = _attention(y, p, cfg, ws)
             y = _unpartition(y, ws, padded, (h, w), b)
         else:
-            y = _attention(y, p, cfg, cfg["img_size"] // ps)
-        x = shortcut + y
-        x = x + _mlp(F.layer_norm(x, (c,), p["norm2.weight"], p["norm2.bias"], cfg["eps"]), p, cfg)
+            y, cls_y = _attention(y, p, cfg, cfg["img_size"] // ps, None if cls is None else norm(cls, "norm1"))
+            if cls is not None:
+                cls = cls + cls_y
+                cls = cls + _mlp(norm(cls, "norm2"), p, cfg)
+        x = x + y
+        x = x + _mlp(norm(x, "norm2"), p, cfg)
         if i in cfg["out_indices"]:
             outs[i] = x.permute(0, 3, 1, 2)
     return [outs[i] for i in cfg["out_indices"]]

@@ -59,6 +59,8 @@ def test_dense_mode_needs_only_patch_multiples():
         (dict(out_indices=(5,)), "out_indices"),
         (dict(num_heads=5), "divisible"),
         (dict(scorer="sobel"), "unknown scorer"),
+        (dict(use_cls_token=True, window_size=2, window_block_indexes=(0,)), "global attention in every block"),
+        (dict(use_cls_token=True, pretrain_use_cls_token=False), "cls entry"),
         (dict(pixel_mean=(1.0, 2.0, 3.0)), "both pixel_mean and pixel_std"),
         (dict(pixel_mean=(1.0,), pixel_std=(2.0,)), "one per channel"),
     ],

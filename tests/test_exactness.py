@@ -95,3 +95,31 @@ def test_batch_with_different_token_counts_equals_images_alone(block_type):
         assert single.tokens_per_image.tolist() == [counts[i]]
         for a, b in zip(batched.features, single.features):
             torch.testing.assert_close(a[i : i + 1], b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("size", [(128, 128), (96, 160)])
+def test_cls_token_dense_equivalence(size):
+    """EVA-02 segmentation style: cls token, global attention everywhere, RoPE on patches only."""
+    model, args = make_model("eva02", use_cls_token=True, adaptive=False, thresholds={32: 5.0}, out_indices=(0, 3))
+    with torch.no_grad():
+        model.cls_token.normal_()
+    images = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        ours = model(images).features
+        ref = dense_forward(model.state_dict(), reference_cfg(args), images)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_cls_token_ragged_batch_equals_images_alone():
+    model, _ = make_model("eva02", use_cls_token=True, thresholds={32: 4.0, 64: 4.0})
+    flat = torch.full((3, 128, 128), 90.0)
+    busy = torch.rand(3, 128, 128) * 255
+    images = torch.stack([flat, busy])
+    with torch.no_grad():
+        batched = model(images)
+        alone = [model(images[i : i + 1]) for i in range(2)]
+    assert batched.tokens_per_image.tolist()[0] < batched.tokens_per_image.tolist()[1]
+    for i, single in enumerate(alone):
+        for a, b in zip(batched.features, single.features):
+            torch.testing.assert_close(a[i : i + 1], b, atol=1e-5, rtol=1e-5)
