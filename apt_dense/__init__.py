@@ -3,7 +3,7 @@ from .attention import available_backends, packed_attention
 from .dense_map import tokens_to_dense
 from .embedding import AdaptivePatchEmbed
 from .layout import PackedSequences, PatchLayout, build_layout, select_levels
-from .model import APTOutput, APTViT
+from .model import APTOutput, APTViT, TokenStats
 from .schedule import PatchSchedule
 from .scoring import EntropyScorer, LaplacianScorer, UpsampleMSEScorer, build_scorer, to_intensity
 
@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 __all__ = [
     "APTViT",
     "APTOutput",
+    "TokenStats",
     "AdaptivePatchEmbed",
     "PatchSchedule",
     "PatchLayout",

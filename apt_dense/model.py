@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from .attention import BACKENDS, resolve_backend
@@ -17,7 +18,7 @@ from .positions import rope_tables
 from .schedule import PatchSchedule
 from .scoring import build_scorer, to_intensity
 
-__all__ = ["APTViT", "APTOutput", "BLOCK_TYPES"]
+__all__ = ["APTViT", "APTOutput", "TokenStats", "BLOCK_TYPES"]
 
 BLOCK_TYPES = ("vitdet", "eva02")
 
@@ -35,6 +36,25 @@ class APTOutput:
     features: list[torch.Tensor]
     tokens_per_image: torch.Tensor
     layout: PatchLayout
+
+
+@dataclass
+class TokenStats:
+    """Running count of tokens kept, for logging mean fractions over many batches."""
+
+    images: int = 0
+    tokens: int = 0
+    cells: int = 0
+
+    def update(self, layout: PatchLayout) -> None:
+        kept = layout.tokens_per_image_host
+        self.images += len(kept)
+        self.tokens += sum(kept)
+        self.cells += layout.grid_size[0] * layout.grid_size[1] * len(kept)
+
+    @property
+    def kept_fraction(self) -> float:
+        return self.tokens / self.cells if self.cells else float("nan")
 
 
 class APTViT(nn.Module):
@@ -204,6 +224,11 @@ class APTViT(nn.Module):
             nn.init.constant_(m.weight, 1.0)
 
     @property
+    def size_divisibility(self) -> int:
+        """Input sides must be multiples of this (see :meth:`forward_padded`)."""
+        return self.schedule.largest_patch_size if self.merges else self.patch_size
+
+    @property
     def merges(self) -> bool:
         """Adaptive patching is on and there is at least one coarse patch size."""
         return self.adaptive and self.schedule.num_levels > 0
@@ -331,6 +356,21 @@ class APTViT(nn.Module):
                 by_index[i] = tokens_to_dense(x if token_slot is None else x[token_slot], layout)
         features = [by_index[i] for i in self.out_indices]
         return APTOutput(features, layout.tokens_per_image, layout)
+
+    def forward_padded(self, images: torch.Tensor) -> APTOutput:
+        """:meth:`forward` for any size: zero-pad (bottom/right) to :attr:`size_divisibility`, then
+        crop the maps back to ``ceil(H / p) x ceil(W / p)`` cells. Padding is a flat region in
+        the normalised input, so APT merges it into large patches."""
+        h, w = images.shape[-2:]
+        unit = self.size_divisibility
+        pad_h, pad_w = (-h) % unit, (-w) % unit
+        # APTViT.forward, not self(): framework subclasses override forward with this method.
+        if not (pad_h or pad_w):
+            return APTViT.forward(self, images)
+        out = APTViT.forward(self, F.pad(images, (0, pad_w, 0, pad_h)))
+        rows, cols = -(-h // self.patch_size), -(-w // self.patch_size)
+        out.features = [f[..., :rows, :cols] for f in out.features]
+        return out
 
 
 def _largest_pow2_divisor(n: int) -> int:

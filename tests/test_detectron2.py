@@ -56,7 +56,7 @@ def test_output_shapes_and_strides_through_simple_feature_pyramid():
     for name, stride in zip(["p2", "p3", "p4", "p5", "p6"], [4, 8, 16, 32, 64]):
         assert backbone.output_shape()[name].stride == stride
         assert features[name].shape == (2, 256, 256 // stride, 256 // stride)
-    assert backbone.net.token_stats["tokens"] < 2 * 16 * 16
+    assert backbone.net.token_stats.tokens < 2 * 16 * 16
 
 
 def test_backbone_pads_to_the_largest_patch_and_crops_back():

@@ -64,3 +64,29 @@ def test_adaptive_switch():
     assert on(x).tokens_per_image.tolist() != [24, 24]
     assert off(x).tokens_per_image.tolist() == [24, 24]
     assert not off.merges and on.merges
+
+
+def test_forward_padded_any_size_and_token_stats():
+    from apt_dense import TokenStats
+
+    model = tiny(use_rel_pos=False, block_type="eva02", thresholds={32: 4.0, 64: 4.0}, window_size=4).eval()
+    assert model.size_divisibility == 64
+    x = torch.rand(2, 3, 80, 100) * 255
+    out = model.forward_padded(x)
+    assert out.features[0].shape == (2, 32, 5, 7)
+    stats = TokenStats()
+    stats.update(out.layout)
+    assert stats.images == 2 and stats.cells == 2 * 8 * 8 and 0 < stats.kept_fraction <= 1
+
+
+def test_layer_ids_for_layer_decay():
+    from apt_dense.param_groups import layer_decay_scale, vit_layer_id
+
+    assert vit_layer_id("backbone.cls_token", 12) == 0
+    assert vit_layer_id("backbone.net.pos_embed", 12) == 0
+    assert vit_layer_id("backbone.patch_embed.proj.weight", 12) == 0
+    assert vit_layer_id("backbone.patch_embed.detail.weight", 12) == 13  # APT layer: full lr
+    assert vit_layer_id("backbone.blocks.4.attn.q_bias", 12) == 5
+    assert vit_layer_id("backbone.fpn1.0.weight", 12) == 13
+    assert vit_layer_id("decode_head.conv_seg.weight", 12) == 13
+    assert layer_decay_scale("backbone.blocks.11.mlp.w3.weight", 0.5, 12) == 0.5

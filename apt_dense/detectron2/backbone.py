@@ -6,13 +6,13 @@ from functools import partial
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone, SimpleFeaturePyramid
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 from detectron2.utils.events import get_event_storage
 
 from ..model import APTViT as CoreAPTViT
+from ..model import TokenStats
 
 __all__ = ["APTViT", "add_apt_vit_config", "build_apt_vit_fpn_backbone"]
 
@@ -66,45 +66,19 @@ class APTViT(CoreAPTViT, Backbone):
         self._out_features = [out_feature]
         self._out_feature_channels = {out_feature: self.embed_dim}
         self._out_feature_strides = {out_feature: self.patch_size}
-        self.token_stats = {"images": 0, "tokens": 0, "cells": 0}
-
-    @property
-    def size_divisibility(self) -> int:
-        return self.schedule.largest_patch_size if self.merges else self.patch_size
-
-    def reset_token_stats(self) -> None:
-        self.token_stats = {"images": 0, "tokens": 0, "cells": 0}
-
-    @property
-    def mean_kept_fraction(self) -> float:
-        """Mean fraction of tokens kept over the images seen since the last reset."""
-        return self.token_stats["tokens"] / max(1, self.token_stats["cells"])
+        self.token_stats = TokenStats()
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        h, w = x.shape[-2:]
-        unit = self.size_divisibility
-        pad_h, pad_w = (-h) % unit, (-w) % unit
-        if pad_h or pad_w:
-            x = F.pad(x, (0, pad_w, 0, pad_h))
-        out = CoreAPTViT.forward(self, x)
-        feature = out.features[0]
-        if pad_h or pad_w:
-            feature = feature[..., : h // self.patch_size, : w // self.patch_size]
-        self._record(out.layout)
-        return {self._out_features[0]: feature}
-
-    def _record(self, layout) -> None:
-        kept = layout.tokens_per_image_host
-        cells = layout.grid_size[0] * layout.grid_size[1]
-        self.token_stats["images"] += len(kept)
-        self.token_stats["tokens"] += sum(kept)
-        self.token_stats["cells"] += cells * len(kept)
+        out = self.forward_padded(x)
+        self.token_stats.update(out.layout)
         if self.training:
             try:
                 storage = get_event_storage()
             except AssertionError:  # outside detectron2's training loop
-                return
-            storage.put_scalar("apt_train/kept_fraction", sum(kept) / (cells * len(kept)))
+                pass
+            else:
+                storage.put_scalar("apt_train/kept_fraction", sum(out.layout.kept_fraction) / out.layout.batch_size)
+        return {self._out_features[0]: out.features[0]}
 
 
 def add_apt_vit_config(cfg) -> None:

@@ -11,6 +11,7 @@ from detectron2.data.datasets import register_coco_instances
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
+from ..model import TokenStats
 from .backbone import APTViT
 from .lr_decay import apt_layer_names
 
@@ -35,14 +36,15 @@ def evaluate(cfg, model) -> OrderedDict:
         return OrderedDict()
     backbone = find_apt_backbone(model)
     if backbone is not None:
-        backbone.reset_token_stats()
+        backbone.token_stats = TokenStats()
     results = inference_on_dataset(model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator))
     results = OrderedDict(results or {})
     if backbone is not None:
-        stats = torch.tensor([backbone.token_stats["tokens"], backbone.token_stats["cells"]], dtype=torch.float64)
-        total = sum(comm.all_gather(stats))
-        kept = float(total[0] / total[1]) if total[1] else float("nan")
-        results["apt"] = {"kept_fraction": kept, "images": backbone.token_stats["images"]}
+        stats = backbone.token_stats
+        counts = torch.tensor([stats.images, stats.tokens, stats.cells], dtype=torch.float64)
+        images, tokens, cells = sum(comm.all_gather(counts)).tolist()
+        kept = tokens / cells if cells else float("nan")
+        results["apt"] = {"kept_fraction": kept, "images": int(images)}
         logger.info("APT: mean fraction of tokens kept %.4f", kept)
     if comm.is_main_process():
         print_csv_format(results)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ..checkpoints import is_apt_layer
+from ..param_groups import layer_decay_scale
 
 __all__ = ["get_apt_vit_lr_decay_rate", "apt_layer_names"]
 
@@ -13,13 +14,7 @@ def get_apt_vit_lr_decay_rate(name: str, lr_decay_rate: float = 1.0, num_layers:
     Args:
         name: parameter name, e.g. ``backbone.net.blocks.3.attn.qkv.weight``.
     """
-    layer_id = num_layers + 1
-    if name.startswith("backbone") and not is_apt_layer(name):
-        if ".pos_embed" in name or ".patch_embed" in name:
-            layer_id = 0
-        elif ".blocks." in name and ".residual." not in name:
-            layer_id = int(name[name.find(".blocks.") :].split(".")[2]) + 1
-    return lr_decay_rate ** (num_layers + 1 - layer_id)
+    return layer_decay_scale(name, lr_decay_rate, num_layers)
 
 
 def apt_layer_names(model) -> list[str]:
