@@ -1,0 +1,54 @@
+"""Layer-wise learning-rate decay for the APT backbone (mmseg's own constructor only accepts
+BEiT / MAE / ConvNeXt)."""
+from __future__ import annotations
+
+import logging
+
+import torch.nn as nn
+from mmengine.optim import DefaultOptimWrapperConstructor
+from mmseg.registry import OPTIM_WRAPPER_CONSTRUCTORS
+
+from ..checkpoints import is_apt_layer
+from ..param_groups import vit_layer_id
+
+__all__ = ["APTLayerDecayOptimizerConstructor"]
+
+logger = logging.getLogger(__name__)
+
+
+@OPTIM_WRAPPER_CONSTRUCTORS.register_module()
+class APTLayerDecayOptimizerConstructor(DefaultOptimWrapperConstructor):
+    """``paramwise_cfg``: ``num_layers`` (blocks), ``layer_decay_rate``, and optionally
+    ``apt_layers_only=True`` (the paper's short fine-tune: every parameter except the APT layers
+    is frozen).
+
+    Block ``i`` gets ``lr * rate ** (num_layers - i)``; embeddings ``lr * rate ** (num_layers + 1)``;
+    the APT layers, the fpn and the heads the full lr. 1-D parameters, biases, ``pos_embed`` and
+    ``cls_token`` get no weight decay.
+    """
+
+    def add_params(self, params: list[dict], module: nn.Module, **kwargs) -> None:
+        num_layers = self.paramwise_cfg["num_layers"]
+        decay_rate = self.paramwise_cfg.get("layer_decay_rate", 1.0)
+        apt_only = self.paramwise_cfg.get("apt_layers_only", False)
+        groups: dict[str, dict] = {}
+        for name, param in module.named_parameters():
+            if apt_only and not is_apt_layer(name):
+                param.requires_grad_(False)
+            if not param.requires_grad:
+                continue
+            no_decay = param.ndim == 1 or name.endswith(".bias") or name.endswith(("pos_embed", "cls_token"))
+            layer = vit_layer_id(name, num_layers)
+            key = f"layer_{layer}_{'no_decay' if no_decay else 'decay'}"
+            if key not in groups:
+                groups[key] = {
+                    "params": [], "param_names": [],
+                    "lr": self.base_lr * decay_rate ** (num_layers + 1 - layer),
+                    "weight_decay": 0.0 if no_decay else self.base_wd,
+                }
+            groups[key]["params"].append(param)
+            groups[key]["param_names"].append(name)
+        if apt_only and not groups:
+            raise ValueError("apt_layers_only: the model has no APT layers (patch sizes above the base size)")
+        logger.info("layer-decay groups: %s", {k: (g["lr"], len(g["params"])) for k, g in sorted(groups.items())})
+        params.extend(groups.values())

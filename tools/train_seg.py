@@ -1,0 +1,70 @@
+#!/usr/bin/env python
+"""Train an mmsegmentation 1.x model with an APT backbone (mmseg's tools/train.py interface).
+
+    python tools/train_seg.py configs/apt_upernet_eva02_l_512_ade20k.py --work-dir work_dirs/apt_l
+    python -m torch.distributed.run --nproc_per_node 8 tools/train_seg.py CONFIG --launcher pytorch
+
+``load_from`` (e.g. an EVA-02 UperNet checkpoint) goes through apt_dense's loader: shape
+mismatches raise, the APT layers are reported as the only expected missing keys.
+"""
+import argparse
+import os
+import os.path as osp
+
+from mmengine.config import Config, DictAction
+from mmengine.runner import Runner
+
+from apt_dense.mmseg import load_apt_checkpoint
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config")
+    p.add_argument("--work-dir", help="where logs and checkpoints go (default: ./work_dirs/<config name>)")
+    p.add_argument("--resume", action="store_true", help="resume from the latest checkpoint in the work dir")
+    p.add_argument("--amp", action="store_true", help="automatic mixed precision")
+    p.add_argument("--data-root", help="dataset root for the train/val/test dataloaders (an ADE20K-format folder)")
+    p.add_argument("--cfg-options", nargs="+", action=DictAction, help="key=value overrides")
+    p.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=0)
+    args = p.parse_args(argv)
+    os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    return args
+
+
+def load_config(args) -> Config:
+    """The config with ``--data-root`` and ``--cfg-options`` applied (shared with test_seg)."""
+    cfg = Config.fromfile(args.config)
+    cfg.launcher = args.launcher
+    if args.data_root:
+        for loader in ("train_dataloader", "val_dataloader", "test_dataloader"):
+            if cfg.get(loader):
+                cfg[loader].dataset.data_root = args.data_root
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
+    cfg.work_dir = args.work_dir or cfg.get("work_dir") or osp.join("./work_dirs", osp.splitext(osp.basename(args.config))[0])
+    return cfg
+
+
+def build_config(args) -> Config:
+    cfg = load_config(args)
+    if args.amp:
+        cfg.optim_wrapper.type = "AmpOptimWrapper"
+        cfg.optim_wrapper.loss_scale = "dynamic"
+    cfg.resume = args.resume
+    return cfg
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    cfg = build_config(args)
+    weights = None if cfg.resume else cfg.get("load_from")
+    cfg.load_from = None  # loaded below, strictly about shapes
+    runner = Runner.from_cfg(cfg)
+    if weights:
+        load_apt_checkpoint(runner.model, weights)
+    runner.train()
+
+
+if __name__ == "__main__":
+    main()
