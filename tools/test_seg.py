@@ -9,24 +9,19 @@ import os
 import sys
 from pathlib import Path
 
-from mmengine.config import DictAction
 from mmengine.runner import Runner
 
 from apt_dense.mmseg import load_apt_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_seg import load_config  # noqa: E402  (same config handling as training)
+from train_seg import add_runner_args, load_config  # noqa: E402  (same handling as training)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config")
     p.add_argument("checkpoint", help="model weights (an EVA-02 UperNet checkpoint or one trained here)")
-    p.add_argument("--work-dir")
-    p.add_argument("--data-root", help="dataset root for the train/val/test dataloaders (an ADE20K-format folder)")
-    p.add_argument("--cfg-options", nargs="+", action=DictAction, help="key=value overrides")
-    p.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=0)
+    add_runner_args(p)
     args = p.parse_args(argv)
     os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     return args

@@ -17,16 +17,21 @@ from mmengine.runner import Runner
 from apt_dense.mmseg import load_apt_checkpoint
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("config")
+def add_runner_args(p: argparse.ArgumentParser) -> None:
+    """Options shared with test_seg.py (mmseg's tools have the same ones)."""
     p.add_argument("--work-dir", help="where logs and checkpoints go (default: ./work_dirs/<config name>)")
-    p.add_argument("--resume", action="store_true", help="resume from the latest checkpoint in the work dir")
-    p.add_argument("--amp", action="store_true", help="automatic mixed precision")
     p.add_argument("--data-root", help="dataset root for the train/val/test dataloaders (an ADE20K-format folder)")
     p.add_argument("--cfg-options", nargs="+", action=DictAction, help="key=value overrides")
     p.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none")
     p.add_argument("--local_rank", "--local-rank", type=int, default=0)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config")
+    p.add_argument("--resume", action="store_true", help="resume from the latest checkpoint in the work dir")
+    p.add_argument("--amp", action="store_true", help="automatic mixed precision")
+    add_runner_args(p)
     args = p.parse_args(argv)
     os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     return args
