@@ -13,11 +13,11 @@ setup(
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
         # Sample photos for the demo and tests; pillow writes the patch-map picture.
-        "demo": ["scikit-image", "pillow"],
+        "demo": ["scikit-image", "pillow", "matplotlib"],
         "flash": ["flash-attn"],
         # mmcv must be built with its ops: use tools/install_mmseg.sh (it caches the wheel).
         "mmseg": ["mmsegmentation==1.2.2", "mmengine>=0.10,<1", "mmcv>=2.0.0rc4,<2.2.0", "ftfy", "regex", "setuptools<81"],
-        "dev": ["pytest>=7", "hypothesis>=6", "scikit-image", "pillow"],
+        "dev": ["pytest>=7", "hypothesis>=6", "scikit-image", "pillow", "matplotlib"],
     },
     license="Apache-2.0",
 )

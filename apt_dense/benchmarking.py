@@ -6,7 +6,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-__all__ = ["time_side_by_side"]
+__all__ = ["time_side_by_side", "backbone_flops", "build_model_pair"]
 
 
 def _sync(device: torch.device) -> None:
@@ -47,3 +47,26 @@ def backbone_flops(model, layout) -> float:
         seqs = layout.windows if block.use_window else layout.images
         total += per_token * layout.num_tokens + 4 * dim * float((seqs.lengths.astype("float64") ** 2).sum())
     return total
+
+
+def build_model_pair(host: str, thresholds, *, seed: int = 0, **overrides):
+    """``(apt, dense)``: the same random weights, adaptive patching on and off (eval mode).
+
+    Args:
+        host: a preset name from :data:`apt_dense.presets.HOSTS`.
+        thresholds: ``{patch_size: threshold}``.
+        overrides: host arguments to change (``img_size``, ``window_size``, ``depth``, ...);
+            ``depth`` also trims ``window_block_indexes``.
+    """
+    from .model import APTViT
+    from .presets import HOSTS, host_kwargs
+
+    if "depth" in overrides and "window_block_indexes" not in overrides:
+        windows = HOSTS[host].get("window_block_indexes", ())
+        overrides["window_block_indexes"] = tuple(i for i in windows if i < overrides["depth"])
+    kwargs = host_kwargs(host, **overrides)
+    torch.manual_seed(seed)
+    apt = APTViT(**kwargs, thresholds=thresholds).eval()
+    dense = APTViT(**kwargs, thresholds=thresholds, adaptive=False).eval()
+    dense.load_state_dict(apt.state_dict())
+    return apt, dense

@@ -1,13 +1,17 @@
 """Real sample photographs and ViTDet-style letterboxing, for demos, tests and benchmarks."""
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SAMPLE_PHOTOS", "load_sample_photos", "letterbox"]
+__all__ = ["SAMPLE_PHOTOS", "load_sample_photos", "load_image_folder", "letterbox", "normalise"]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 # Photographs bundled inside scikit-image (no download).
 SAMPLE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field")
@@ -20,6 +24,41 @@ def load_sample_photos(names: Sequence[str] = SAMPLE_PHOTOS) -> dict[str, np.nda
     except ImportError as err:
         raise ImportError("sample photos need scikit-image: pip install 'apt-dense[demo]'") from err
     return {name: np.ascontiguousarray(getattr(skimage.data, name)()[..., :3]) for name in names}
+
+
+def load_image_folder(folder: str | Path, limit: int | None = None) -> dict[str, np.ndarray]:
+    """``{file name: (H, W, 3) uint8}`` for the images in ``folder`` (sorted by name).
+
+    Grayscale and RGBA/palette images are converted to RGB; files that cannot be read are
+    skipped. Both are reported with a warning that names the file.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder {folder} does not exist")
+    images: dict[str, np.ndarray] = {}
+    for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+        if limit is not None and len(images) >= limit:
+            break
+        try:
+            with Image.open(path) as image:
+                if image.mode != "RGB":
+                    warnings.warn(f"{path.name}: {image.mode} image converted to RGB", stacklevel=2)
+                    image = image.convert("RGB")
+                images[path.name] = np.asarray(image)
+        except (UnidentifiedImageError, OSError) as err:
+            warnings.warn(f"{path.name}: skipped, cannot be read ({err})", stacklevel=2)
+    if not images:
+        raise ValueError(f"no readable images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
+    return images
+
+
+def normalise(raw: torch.Tensor, pixel_mean: Sequence[float], pixel_std: Sequence[float]) -> torch.Tensor:
+    """``(B, 3, H, W)`` raw 0..255 -> ``(raw - mean) / std``."""
+    mean = torch.as_tensor(pixel_mean, dtype=raw.dtype).view(1, -1, 1, 1)
+    std = torch.as_tensor(pixel_std, dtype=raw.dtype).view(1, -1, 1, 1)
+    return (raw - mean) / std
 
 
 def letterbox(

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 
 from apt_dense import APTViT
-from apt_dense.benchmarking import time_side_by_side
-from apt_dense.presets import APT_SETTINGS, HOSTS, IMAGENET_PIXEL_MEAN, IMAGENET_PIXEL_STD, host_kwargs
-from apt_dense.sample_images import SAMPLE_PHOTOS, letterbox, load_sample_photos
+from apt_dense.benchmarking import build_model_pair, time_side_by_side
+from apt_dense.presets import APT_SETTINGS, HOSTS, IMAGENET_PIXEL_MEAN, IMAGENET_PIXEL_STD
+from apt_dense.sample_images import SAMPLE_PHOTOS, letterbox, load_sample_photos, normalise
 from apt_dense.visualize import draw_patch_map, image_grid
 
 
@@ -38,17 +38,8 @@ def build_models(args) -> tuple[APTViT, APTViT]:
     if args.window is not None:
         overrides["window_size"] = args.window
     if args.depth is not None:
-        host = HOSTS[args.host]
         overrides["depth"] = args.depth
-        overrides["window_block_indexes"] = tuple(i for i in host.get("window_block_indexes", ()) if i < args.depth)
-    kwargs = host_kwargs(args.host, **overrides)
-    thresholds = APT_SETTINGS[args.setting]
-    if getattr(args, "no_merge", False):
-        thresholds = {size: 0.0 for size in thresholds}  # scoring and packing run, nothing merges
-    torch.manual_seed(0)
-    apt = APTViT(**kwargs, thresholds=thresholds).eval()
-    dense = APTViT(**kwargs, thresholds=thresholds, adaptive=False).eval()
-    dense.load_state_dict(apt.state_dict())
+    apt, dense = build_model_pair(args.host, APT_SETTINGS[args.setting], **overrides)
     return apt.to(args.device), dense.to(args.device)
 
 
@@ -59,9 +50,7 @@ def main(argv=None) -> int:
     photos = load_sample_photos()
     canvases = [letterbox(photo, args.size, IMAGENET_PIXEL_MEAN)[0] for photo in photos.values()]
     raw = torch.stack(canvases)
-    mean = torch.tensor(IMAGENET_PIXEL_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_PIXEL_STD).view(1, 3, 1, 1)
-    images = ((raw - mean) / std).to(args.device)
+    images = normalise(raw, IMAGENET_PIXEL_MEAN, IMAGENET_PIXEL_STD).to(args.device)
 
     apt, dense = build_models(args)
     out = apt(images)
