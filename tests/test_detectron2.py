@@ -269,3 +269,16 @@ def test_train_net_apt_flag_swaps_a_vitdet_config():
     swap_to_apt(cfg)
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
     assert cfg.model.backbone.net._target_ is APTViT and cfg.model.backbone.net.depth == 2
+
+
+@pytest.mark.slow
+def test_benchmark_full_level_with_a_detector(tmp_path):
+    sys.path.insert(0, str(ROOT / "tools"))
+    import benchmark
+
+    args = ["--host", "eva02_b_det", "--setting", "detection", "--size", "128", "--window", "8", "--depth", "1",
+            "--limit", "1", "--repeats", "1", "--warmup", "0", "--scales", "1", "--level", "full",
+            "--output-dir", str(tmp_path), "--tag", "det"]
+    assert benchmark.main(args) == 0
+    row = __import__("json").loads((tmp_path / "det.json").read_text())["rows"][0]
+    assert row["ideal_speedup"] >= 1.0 and row["speedup"] > 0

@@ -20,7 +20,6 @@ import datetime as dt
 import json
 import platform
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -46,10 +45,11 @@ def parse_args(argv=None):
     p.add_argument("--thresholds", action="append", type=json.loads, default=None,
                    help='explicit configuration(s), JSON like \'{"32": 2, "64": 2, "128": 0.3}\' (repeatable)')
     p.add_argument("--images", type=Path, default=None, help="folder of images (default: scikit-image's sample photos)")
-    p.add_argument("--limit", type=int, default=None, help="at most this many images from --images")
+    p.add_argument("--limit", type=int, default=None, help="at most this many images")
     p.add_argument("--batch", type=int, default=None, help="images per forward (default: all)")
     p.add_argument("--level", choices=["backbone", "full"], default="backbone",
-                   help="full: backbone + UperNet (mmseg, *_seg hosts); the ideal then counts the head's FLOPs")
+                   help="full: the whole model, UperNet (mmseg) for *_seg hosts, Cascade / Mask R-CNN (detectron2) "
+                        "for detection hosts; the ideal then counts the heads' FLOPs")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     p.add_argument("--compile", action="store_true", help="torch.compile the blocks of both sides")
@@ -68,10 +68,12 @@ def configurations(args) -> list[dict[int, float]]:
     return [{size: value * scale for size, value in base.items()} for scale in args.scales]
 
 
-def load_images(args) -> tuple[list[str], torch.Tensor]:
+def load_images(args) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """Names, raw 0..255 letterboxed canvases and their normalised versions ``(N, 3, S, S)``."""
     photos = load_image_folder(args.images, args.limit) if args.images else load_sample_photos()
-    raw = torch.stack([letterbox(image, args.size, IMAGENET_PIXEL_MEAN)[0] for image in photos.values()])
-    return list(photos), normalise(raw, IMAGENET_PIXEL_MEAN, IMAGENET_PIXEL_STD)
+    names = list(photos)[: args.limit]
+    raw = torch.stack([letterbox(photos[name], args.size, IMAGENET_PIXEL_MEAN)[0] for name in names])
+    return names, raw, normalise(raw, IMAGENET_PIXEL_MEAN, IMAGENET_PIXEL_STD)
 
 
 SEG_CONFIGS = {"eva02_b_seg": "apt_upernet_eva02_b_512_ade20k.py", "eva02_l_seg": "apt_upernet_eva02_l_512_ade20k.py"}
@@ -107,25 +109,61 @@ def build_segmentor_pair(args, thresholds: dict, overrides: dict):
     return models
 
 
-def head_flops(segmentor, images: torch.Tensor) -> float:
-    """FLOPs of the decode head on ``images``' features (the same for both sides)."""
+DET_CONFIGS = {"eva02_b_det": "apt_vitdet_b.py", "eva02_l_det": "apt_vitdet_l.py",
+               "vitdet_b": "apt_mask_rcnn_vitdet_b.py", "vitdet_l": "apt_mask_rcnn_vitdet_b.py"}
+
+
+def build_detector_pair(args, thresholds: dict, overrides: dict):
+    """``(apt, dense)`` detectron2 detectors from the project's LazyConfigs (Cascade Mask R-CNN for
+    EVA-02, Mask R-CNN for ViTDet), same weights, the host preset's backbone."""
+    try:
+        from detectron2.config import LazyConfig, instantiate
+    except ImportError:
+        raise SystemExit("--level full for detection hosts needs detectron2 (see README)") from None
+    from apt_dense.presets import host_kwargs
+
+    cfg = LazyConfig.load(str(ROOT / "projects" / DET_CONFIGS[args.host]))
+    net = {k: v for k, v in host_kwargs(args.host).items() if k not in ("block_type", "norm_layer")}
+    net.update(img_size=args.size, thresholds=thresholds, attention_backend=overrides["attention_backend"],
+               rope=HOSTS[args.host]["block_type"] == "eva02", drop_path_rate=0.0)
+    for key in ("window_size", "depth"):
+        if key in overrides:
+            net[key] = overrides[key]
+    if "depth" in overrides:
+        net["window_block_indexes"] = [i for i in net["window_block_indexes"] if i < overrides["depth"]]
+    cfg.model.backbone.net.update(net)
+    cfg.model.backbone.square_pad = args.size
+    models = []
+    for adaptive in (True, False):
+        cfg.model.backbone.net.adaptive = adaptive
+        torch.manual_seed(0)
+        models.append(instantiate(cfg.model).eval())
+    models[1].load_state_dict(models[0].state_dict())
+    return models
+
+
+def detector_inputs(raw_batches: list[torch.Tensor]) -> list[list[dict]]:
+    """detectron2 inputs: raw 0..255 RGB images (the detector normalises and pads them itself)."""
+    return [[{"image": image, "height": image.shape[1], "width": image.shape[2]} for image in batch] for batch in raw_batches]
+
+
+def flops_of(fn) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
-    features = segmentor.extract_feat(images)
     with FlopCounterMode(display=False) as counter:
-        segmentor.decode_head(features)
+        fn()
     return float(counter.get_total_flops())
 
 
+def head_flops(segmentor, images: torch.Tensor) -> float:
+    """FLOPs of the decode head on ``images``' features (the same for both sides)."""
+    features = segmentor.extract_feat(images)
+    return flops_of(lambda: segmentor.decode_head(features))
+
+
 def time_layout(model, images, repeats: int, device: torch.device) -> float:
-    timings = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        model.build_layout(images)
-        timings.append(time.perf_counter() - start)
-    return sorted(timings)[len(timings) // 2]
+    """Median seconds of scoring + selection + packing for one batch."""
+    return time_side_by_side({"layout": lambda: model.build_layout(images)}, device, warmup=0, repeats=repeats)["layout"]
 
 
 def peak_memory(fn, device: torch.device) -> float | None:
@@ -190,9 +228,10 @@ def write_outputs(stem: Path, env: dict, args, rows: list[dict]) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
-    names, images = load_images(args)
+    names, raw_images, images = load_images(args)
     batch = args.batch or len(names)
     batches = [images[i : i + batch].to(device) for i in range(0, len(names), batch)]
+    raw_batches = [raw_images[i : i + batch].to(device) for i in range(0, len(names), batch)]
     env = environment(device)
     stem = args.output_dir / (args.tag or f"{args.host}-{args.size}-{args.level}-{device.type}-{args.dtype}")
     autocast = torch.autocast(device.type, dtype=DTYPES[args.dtype], enabled=args.dtype != "fp32")
@@ -207,23 +246,30 @@ def main(argv=None) -> int:
     print(f"{len(names)} images, {len(configs)} configurations, {env['device']}, torch {env['torch']}")
     try:
         for index, thresholds in enumerate(configs, start=1):
+            # Each side: a zero-argument call that runs every batch, plus its APTViT.
             head = 0.0
-            if args.level == "full":
-                apt_run, dense_run = (m.to(device) for m in build_segmentor_pair(args, thresholds, overrides))
-                apt, dense = apt_run.backbone, dense_run.backbone
-                head = sum(head_flops(dense_run, x) for x in batches)
-                apt_call, dense_call = apt_run._forward, dense_run._forward
+            if args.level == "full" and args.host in DET_CONFIGS:
+                apt_model, dense_model = (m.to(device) for m in build_detector_pair(args, thresholds, overrides))
+                apt, dense = apt_model.backbone.net, dense_model.backbone.net
+                inputs = detector_inputs(raw_batches)
+                calls = {name: (lambda m=model: [m(x) for x in inputs]) for name, model in (("apt", apt_model), ("dense", dense_model))}
+                head = flops_of(calls["dense"]) - sum(flops_of(lambda x=x: dense(x)) for x in batches)
+            elif args.level == "full":
+                apt_model, dense_model = (m.to(device) for m in build_segmentor_pair(args, thresholds, overrides))
+                apt, dense = apt_model.backbone, dense_model.backbone
+                calls = {name: (lambda m=model: [m._forward(x) for x in batches]) for name, model in (("apt", apt_model), ("dense", dense_model))}
+                head = sum(head_flops(dense_model, x) for x in batches)
             else:
                 apt, dense = (m.to(device) for m in build_model_pair(args.host, thresholds, **overrides))
-                apt_call, dense_call = apt, dense
+                calls = {name: (lambda m=model: [m(x) for x in batches]) for name, model in (("apt", apt), ("dense", dense))}
             if args.compile:
                 for model in (apt, dense):
                     for block in model.blocks:
                         block.compile(dynamic=True)
 
-            def run(model):
+            def run(call):
                 with autocast:
-                    return [model(x) for x in batches]
+                    return call()
 
             layouts = [apt.build_layout(x) for x in batches]
             dense_layouts = [dense.build_layout(x) for x in batches]
@@ -231,7 +277,7 @@ def main(argv=None) -> int:
             ideal = (sum(backbone_flops(apt, d) for d in dense_layouts) + head) / (
                 sum(backbone_flops(apt, a) for a in layouts) + head
             )
-            seconds = time_side_by_side({"dense": lambda: run(dense_call), "apt": lambda: run(apt_call)}, device,
+            seconds = time_side_by_side({"dense": lambda: run(calls["dense"]), "apt": lambda: run(calls["apt"])}, device,
                                         warmup=args.warmup, repeats=args.repeats)
             layout_seconds = sum(time_layout(apt, x, args.repeats, device) for x in batches)
             row = dict(
@@ -241,7 +287,8 @@ def main(argv=None) -> int:
                 speedup=seconds["dense"] / seconds["apt"], ideal_speedup=ideal,
                 achieved_over_ideal=seconds["dense"] / seconds["apt"] / ideal,
                 layout_fraction=layout_seconds / seconds["apt"],
-                peak_mib_dense=peak_memory(lambda: run(dense_call), device), peak_mib_apt=peak_memory(lambda: run(apt_call), device),
+                peak_mib_dense=peak_memory(lambda: run(calls["dense"]), device),
+                peak_mib_apt=peak_memory(lambda: run(calls["apt"]), device),
                 attention=apt.attention_backends(device, DTYPES[args.dtype]), depth=len(apt.blocks), window=apt.window_size,
             )
             rows.append(row)
