@@ -333,17 +333,7 @@ class APTViT(nn.Module):
         x = self.embed(images, layout)
         image_seqs, slot_image, token_slot = layout.images, layout.token_image, None
         if self.cls_token is not None:
-            # The residual stream runs in slot order, cls first in each image's sequence.
-            image_seqs, token_slot, cls_slot = prepend_image_tokens(layout)
-            cls = self.cls_token[0]
-            if self.pos_embed is not None:
-                cls = cls + self.pos_embed[0, :1]
-            b, n = layout.batch_size, layout.num_tokens
-            row_of_slot = torch.empty(n + b, dtype=torch.int64, device=x.device)
-            row_of_slot[token_slot] = torch.arange(n, device=x.device)
-            row_of_slot[cls_slot] = torch.arange(n, n + b, device=x.device)
-            x = torch.cat([x, cls.expand(b, -1)])[row_of_slot]
-            slot_image = torch.cat([layout.token_image, torch.arange(b, device=x.device)])[row_of_slot]
+            x, image_seqs, slot_image, token_slot = self._prepend_cls_tokens(x, layout)
         ctx = self._context(layout, image_seqs, slot_image)
         wanted = set(self.out_indices)
         by_index = {}
@@ -356,6 +346,25 @@ class APTViT(nn.Module):
                 by_index[i] = tokens_to_dense(x if token_slot is None else x[token_slot], layout)
         features = [by_index[i] for i in self.out_indices]
         return APTOutput(features, layout.tokens_per_image, layout)
+
+    def _prepend_cls_tokens(self, tokens: torch.Tensor, layout: PatchLayout):
+        """Residual stream in slot order with a cls token first in each image's sequence.
+
+        Returns:
+            ``(N + B, C)`` slots, the image sequences with prefix slots, the ``(N + B,)`` image of
+            every slot and the ``(N,)`` slot of every token.
+        """
+        image_seqs, token_slot, cls_slot = prepend_image_tokens(layout)
+        cls = self.cls_token[0]
+        if self.pos_embed is not None:
+            cls = cls + self.pos_embed[0, :1]
+        b, n = layout.batch_size, layout.num_tokens
+        row_of_slot = torch.empty(n + b, dtype=torch.int64, device=tokens.device)
+        row_of_slot[token_slot] = torch.arange(n, device=tokens.device)
+        row_of_slot[cls_slot] = torch.arange(n, n + b, device=tokens.device)
+        slots = torch.cat([tokens, cls.expand(b, -1)])[row_of_slot]
+        slot_image = torch.cat([layout.token_image, torch.arange(b, device=tokens.device)])[row_of_slot]
+        return slots, image_seqs, slot_image, token_slot
 
     def forward_padded(self, images: torch.Tensor) -> APTOutput:
         """:meth:`forward` for any size: zero-pad (bottom/right) to :attr:`size_divisibility`, then
