@@ -44,6 +44,7 @@ def gather_level_maps(maps: list[torch.Tensor], layout: PatchLayout) -> torch.Te
     row, col = layout.token_cell[:, 0] >> level, layout.token_cell[:, 1] >> level
     return table[offset + (image * height + row) * width + col]
 
+
 def abs_pos_grid(pos_embed: torch.Tensor, has_cls_token: bool, grid: tuple[int, int]) -> torch.Tensor:
     """``(1, [1 +] S*S, C) -> (1, Hc, Wc, C)``: the pretrained square grid resized bicubically
     to the cell grid (detectron2's ``get_abs_pos``)."""

@@ -105,6 +105,11 @@ class PatchLayout:
         cells = self.grid_size[0] * self.grid_size[1]
         return [n / cells for n in self.tokens_per_image_host]
 
+    @property
+    def mean_kept_fraction(self) -> float:
+        """Tokens kept as a fraction of the dense count, averaged over the batch's images."""
+        return sum(self.kept_fraction) / self.batch_size
+
     def token_centers(self) -> torch.Tensor:
         """``(N, 2)`` float32 centre (row, col) of each token in base cells (image frame)."""
         return patch_centers(self.token_cell, self.token_level)

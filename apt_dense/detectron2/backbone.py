@@ -77,7 +77,7 @@ class APTViT(CoreAPTViT, Backbone):
             except AssertionError:  # outside detectron2's training loop
                 pass
             else:
-                storage.put_scalar("apt_train/kept_fraction", sum(out.layout.kept_fraction) / out.layout.batch_size)
+                storage.put_scalar("apt_train/kept_fraction", out.layout.mean_kept_fraction)
         return {self._out_features[0]: out.features[0]}
 
 

@@ -100,6 +100,6 @@ class APTViTSegBackbone(CoreAPTViT):
         """``(B, 3, H, W)`` normalised images -> four maps at strides 4, 8, 16, 32."""
         out = self.forward_padded(x)
         self.token_stats.update(out.layout)
-        self.last_kept_fraction = sum(out.layout.kept_fraction) / out.layout.batch_size
+        self.last_kept_fraction = out.layout.mean_kept_fraction
         pyramid = (self.fpn1, self.fpn2, self.fpn3, self.fpn4)
         return tuple(op(f.contiguous()) for op, f in zip(pyramid, out.features))

@@ -9,7 +9,7 @@ from mmengine.optim import DefaultOptimWrapperConstructor
 from mmseg.registry import OPTIM_WRAPPER_CONSTRUCTORS
 
 from ..checkpoints import is_apt_layer
-from ..param_groups import vit_layer_id
+from ..param_groups import layer_decay_scale, vit_layer_id
 
 __all__ = ["APTLayerDecayOptimizerConstructor"]
 
@@ -43,7 +43,7 @@ class APTLayerDecayOptimizerConstructor(DefaultOptimWrapperConstructor):
             if key not in groups:
                 groups[key] = {
                     "params": [], "param_names": [],
-                    "lr": self.base_lr * decay_rate ** (num_layers + 1 - layer),
+                    "lr": self.base_lr * layer_decay_scale(name, decay_rate, num_layers),
                     "weight_decay": 0.0 if no_decay else self.base_wd,
                 }
             groups[key]["params"].append(param)
