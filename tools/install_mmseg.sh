@@ -1,25 +1,62 @@
 #!/usr/bin/env bash
 # Install mmsegmentation 1.2.2 with full mmcv 2.1.0 (compiled ops) into $PYTHON's environment.
+#
 # mmcv 2.1.0 (the last version mmseg 1.2.2 accepts) has no wheel for current torch: it is built
-# from its source package once (about 10 minutes on 2 cores) and the wheel is cached per torch
-# version under $APT_DENSE_WHEEL_CACHE (default ~/.cache/apt-dense/wheels).
+# from its source package once (about 10 minutes on 2 cores), by $PYTHON itself so that it
+# compiles against the torch that will import it, and the wheel is cached per Python and torch
+# version under $APT_DENSE_WHEEL_CACHE (default ~/.cache/apt-dense/wheels). A cached or
+# installed mmcv without its compiled ops (mmcv/_ext) is rebuilt, with a message that says why.
 set -euo pipefail
 PYTHON=${PYTHON:-python3}
-if "$PYTHON" -c "import mmcv.ops, mmseg, pkg_resources" 2>/dev/null; then
+
+ops_ok() { "$PYTHON" -c "import mmcv._ext, mmcv.ops, mmseg, pkg_resources" >/dev/null 2>&1; }
+wheel_has_ops() {
+    "$PYTHON" - "$1" <<'EOF'
+import sys, zipfile
+names = zipfile.ZipFile(sys.argv[1]).namelist()
+sys.exit(0 if any(n.startswith("mmcv/_ext") and n.endswith(".so") for n in names) else 1)
+EOF
+}
+
+if ops_ok; then
     exit 0
 fi
-torch_version=$("$PYTHON" -c "import torch; print(torch.__version__)")
-cache="${APT_DENSE_WHEEL_CACHE:-$HOME/.cache/apt-dense/wheels}/torch-${torch_version}"
-mkdir -p "$cache"
-# mmengine's config lookup ("mmseg::...") and mmcv's build need pkg_resources.
-"$PYTHON" -m pip install "setuptools<81"
-if ! ls "$cache"/mmcv-2.1.0-*.whl >/dev/null 2>&1; then
-    echo "building mmcv 2.1.0 against torch ${torch_version} (once; cached in ${cache})"
-    build_env=$(mktemp -d)
-    "$PYTHON" -m venv --system-site-packages "$build_env"
-    "$build_env/bin/python" -m pip install "setuptools<81" wheel
-    MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-2}" "$build_env/bin/python" -m pip wheel --no-deps --no-build-isolation \
-        -w "$cache" mmcv==2.1.0
-    rm -rf "$build_env"
+if ! "$PYTHON" -c "import torch" 2>/dev/null; then
+    echo "install_mmseg.sh: torch is not importable by $PYTHON; install torch first (make install)" >&2
+    exit 1
 fi
-"$PYTHON" -m pip install "$cache"/mmcv-2.1.0-*.whl "mmengine>=0.10,<1" "mmsegmentation==1.2.2" ftfy regex
+versions=$("$PYTHON" -c "import sys, torch; print(f'py{sys.version_info.major}{sys.version_info.minor}-torch-{torch.__version__}')")
+cache="${APT_DENSE_WHEEL_CACHE:-$HOME/.cache/apt-dense/wheels}/${versions}"
+mkdir -p "$cache"
+# mmcv's build and mmengine's config lookup ("mmseg::...") need pkg_resources (setuptools < 81).
+"$PYTHON" -m pip install --quiet "setuptools<81" wheel
+
+wheel=$(ls "$cache"/mmcv-2.1.0-*.whl 2>/dev/null | head -n 1 || true)
+if [ -n "$wheel" ] && ! wheel_has_ops "$wheel"; then
+    echo "install_mmseg.sh: cached $wheel has no compiled ops (mmcv/_ext); it was built without torch. Rebuilding." >&2
+    rm -f "$wheel"
+    wheel=""
+fi
+if [ -z "$wheel" ]; then
+    echo "building mmcv 2.1.0 with its ops against ${versions} (about 10 minutes on 2 cores, once; cached in ${cache})"
+    build_dir=$(mktemp -d)
+    MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS="${MAX_JOBS:-2}" "$PYTHON" -m pip wheel --no-deps --no-build-isolation \
+        --no-binary mmcv -w "$build_dir" mmcv==2.1.0
+    wheel=$(ls "$build_dir"/mmcv-2.1.0-*.whl)
+    if ! wheel_has_ops "$wheel"; then
+        echo "install_mmseg.sh: the mmcv build produced no compiled ops; see the compiler output above" >&2
+        exit 1
+    fi
+    mv "$wheel" "$cache/"
+    wheel="$cache/$(basename "$wheel")"
+    rm -rf "$build_dir"
+fi
+# --force-reinstall replaces an ops-less mmcv 2.1.0 that may be installed already.
+"$PYTHON" -m pip install --quiet --force-reinstall --no-deps "$wheel"
+"$PYTHON" -m pip install --quiet "$wheel" "mmengine>=0.10,<1" "mmsegmentation==1.2.2" ftfy regex
+if ! ops_ok; then
+    echo "install_mmseg.sh: mmcv is installed but 'import mmcv._ext, mmcv.ops, mmseg' fails:" >&2
+    "$PYTHON" -c "import mmcv._ext, mmcv.ops, mmseg, pkg_resources" >&2 || true
+    exit 1
+fi
+echo "mmcv 2.1.0 with compiled ops, mmengine and mmsegmentation 1.2.2 installed for $PYTHON"
