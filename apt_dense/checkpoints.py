@@ -1,12 +1,128 @@
-"""Checkpoint key rules shared by the framework adapters (no framework imports)."""
+"""Checkpoint reading and key rules shared by the framework adapters (no framework imports).
+
+Checkpoints are data: :func:`read_checkpoint` unpickles tensors, numpy arrays and plain containers
+only, never code. A file that needs other Python objects is refused with a message naming them;
+``allow_pickle=True`` (``--unsafe-load`` in the tools) reads a trusted legacy file anyway.
+"""
 from __future__ import annotations
 
+import codecs
+import collections
+import os
+import pickle
 import re
-from collections.abc import Mapping
+import zipfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
 
+import numpy as np
 import torch
 
-__all__ = ["is_apt_layer", "is_recomputed_buffer", "convert_eva02_pretrain"]
+__all__ = [
+    "UnsafeCheckpointError",
+    "read_checkpoint",
+    "unwrap_state_dict",
+    "is_apt_layer",
+    "is_recomputed_buffer",
+    "convert_eva02_pretrain",
+]
+
+
+class UnsafeCheckpointError(pickle.UnpicklingError):
+    """The checkpoint holds pickled Python objects beyond tensors, arrays and containers."""
+
+
+def _numpy_globals() -> list[tuple[object, str]]:
+    """What pickled numpy arrays and scalars reference, under numpy 1.x and 2.x module names."""
+    from numpy.core.multiarray import _reconstruct, scalar  # numpy 2 keeps these aliases
+
+    found: list[tuple[object, str]] = []
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        found += [(_reconstruct, f"{module}._reconstruct"), (scalar, f"{module}.scalar")]
+    found += [(np.ndarray, "numpy.ndarray"), (np.dtype, "numpy.dtype")]
+    found += [(cls, f"numpy.dtypes.{name}") for name, cls in vars(np.dtypes).items() if isinstance(cls, type)]
+    return found
+
+
+# Legacy (Detectron / detectron2 model zoo) .pkl files: numpy arrays in plain containers.
+_PKL_GLOBALS = {name: obj for obj, name in _numpy_globals()}
+_PKL_GLOBALS.update({"_codecs.encode": codecs.encode, "collections.OrderedDict": collections.OrderedDict})
+
+
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: (?:GLOBAL )?([\w.]+)")
+
+
+class _DataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        key = f"{module}.{name}"
+        if key in _PKL_GLOBALS:
+            return _PKL_GLOBALS[key]
+        raise UnsafeCheckpointError(f"Unsupported global: {key}")
+
+
+def _unsafe_message(path: Path, err: Exception) -> str:
+    return (
+        f"{path} holds pickled Python objects, not only tensors and arrays ({err}). Checkpoints are "
+        "read as data by default because unpickling can run code. If you trust this file, load it "
+        "with allow_pickle=True (--unsafe-load in the tools), or re-save its state dict with "
+        "torch.save({'state_dict': state_dict}, path)."
+    )
+
+
+def read_checkpoint(
+    path: str | os.PathLike, *, allow_pickle: bool = False, safe_globals: Iterable[object] = ()
+) -> Mapping:
+    """Read a checkpoint file as data.
+
+    Args:
+        path: a ``torch.save`` file (``.pth``/``.pt``/``.bin``...) or a legacy pickle (``.pkl``,
+            detectron2 / Detectron model zoo: numpy arrays in dicts).
+        allow_pickle: unpickle arbitrary Python objects (trusted files only).
+        safe_globals: extra classes that are plain data (e.g. a framework's log buffers).
+    Returns:
+        The loaded object (a mapping).
+    Raises:
+        FileNotFoundError: no such file.
+        UnsafeCheckpointError: the file needs Python objects outside the allowed set.
+        ValueError: the file is not a checkpoint (truncated, or not a torch/pickle file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        if path.suffix == ".pkl":
+            with path.open("rb") as f:
+                data = (pickle.Unpickler(f, encoding="latin1") if allow_pickle else _DataUnpickler(f, encoding="latin1")).load()
+        elif allow_pickle:
+            data = torch.load(path, map_location="cpu", weights_only=False)
+        else:
+            with torch.serialization.safe_globals([*_numpy_globals(), *safe_globals]):
+                data = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, zipfile.BadZipFile, UnicodeDecodeError, ValueError) as err:
+        unsafe = _UNSUPPORTED_GLOBAL.search(str(err))
+        if unsafe:
+            raise UnsafeCheckpointError(_unsafe_message(path, f"it needs {unsafe.group(1)}")) from err
+        detail = str(err).split("WeightsUnpickler error:")[-1].strip()
+        detail = detail.splitlines()[0][:200] if detail else ""
+        raise ValueError(
+            f"{path} is not a readable checkpoint: it is truncated, corrupt or not a torch.save/pickle "
+            f"file ({type(err).__name__}: {detail}); download or copy it again"
+        ) from err
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{path} holds a {type(data).__name__}, not a checkpoint dict / state dict")
+    return data
+
+
+def unwrap_state_dict(checkpoint: Mapping) -> dict:
+    """The state dict inside a checkpoint: under ``state_dict``/``model``/``module`` if present,
+    with a DistributedDataParallel ``module.`` prefix removed from every key."""
+    state = checkpoint
+    for wrapper in ("state_dict", "model", "module"):
+        if wrapper in state and isinstance(state[wrapper], Mapping):
+            state = state[wrapper]
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return dict(state)
 
 _APT_LAYER = re.compile(r"(^|\.)patch_embed\.(downsample|detail)\.")
 _ROPE_BUFFER = re.compile(r"(^|\.)(rope|rope_win|rope_glb)\.freqs_(cos|sin)$")
@@ -32,11 +148,8 @@ def convert_eva02_pretrain(state: Mapping[str, torch.Tensor], prefix: str = "bac
     Returns:
         ``(state_dict, dropped_keys)``; every input key is either converted or listed as dropped.
     """
-    for wrapper in ("model", "module", "state_dict"):
-        if wrapper in state and isinstance(state[wrapper], Mapping):
-            state = state[wrapper]
     converted, dropped = {}, []
-    for key, value in state.items():
+    for key, value in unwrap_state_dict(state).items():
         if _PRETRAIN_ONLY.search(key) or is_recomputed_buffer(key):
             dropped.append(key)
         else:
