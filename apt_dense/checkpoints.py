@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import codecs
 import collections
+import logging
 import os
 import pickle
 import re
@@ -17,11 +18,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "UnsafeCheckpointError",
     "read_checkpoint",
     "unwrap_state_dict",
+    "load_state_dict_checked",
     "is_apt_layer",
     "is_recomputed_buffer",
     "convert_eva02_pretrain",
@@ -49,7 +54,8 @@ _PKL_GLOBALS = {name: obj for obj, name in _numpy_globals()}
 _PKL_GLOBALS.update({"_codecs.encode": codecs.encode, "collections.OrderedDict": collections.OrderedDict})
 
 
-_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: (?:GLOBAL )?([\w.]+)")
+# torch's weights-only unpickler and ours name the refused global in one of these forms.
+_UNSUPPORTED_GLOBAL = re.compile(r"(?:Unsupported global: (?:GLOBAL )?|unsupported GLOBAL )([\w.]+)")
 
 
 class _DataUnpickler(pickle.Unpickler):
@@ -157,3 +163,42 @@ def convert_eva02_pretrain(state: Mapping[str, torch.Tensor], prefix: str = "bac
     if not any(k.startswith(prefix + "blocks.") for k in converted):
         raise ValueError("no transformer blocks ('blocks.N.*') found: is this an EVA-02 pretraining checkpoint?")
     return converted, dropped
+
+
+def load_state_dict_checked(model: nn.Module, state: Mapping[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    """Load ``state`` into ``model``: every shape must match, the rest is reported.
+
+    Shape mismatches raise with every offending key (a silently re-initialised layer is worse
+    than no model). EVA-02's fixed RoPE tables are dropped (APTViT recomputes RoPE); missing
+    APT layers are expected (logged at info); any other missing or unexpected key is logged as
+    a warning and returned.
+
+    Returns:
+        ``(missing_keys, unexpected_keys)`` other than the APT layers and recomputed buffers.
+    """
+    dropped = [k for k in state if is_recomputed_buffer(k)]
+    state = {k: v for k, v in state.items() if not is_recomputed_buffer(k)}
+    own = model.state_dict()
+    bad = [
+        f"  {k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and tuple(v.shape) != tuple(own[k].shape)
+    ]
+    if bad:
+        raise ValueError(
+            "checkpoint does not fit the model (shape mismatch); check embed_dim, depth, num_heads, "
+            "img_size / window_size (pos_embed, relative positions), head channels and num_classes:\n"
+            + "\n".join(bad)
+        )
+    incompatible = model.load_state_dict(state, strict=False)
+    apt_missing = [k for k in incompatible.missing_keys if is_apt_layer(k)]
+    missing = [k for k in incompatible.missing_keys if not is_apt_layer(k)]
+    if dropped:
+        logger.info("Ignored %d RoPE buffers that APTViT recomputes", len(dropped))
+    if apt_missing:
+        logger.info("APT layers not in the checkpoint (new, trained by APT fine-tuning): %s", apt_missing)
+    if missing:
+        logger.warning("Missing keys (left at initialisation): %s", missing)
+    if incompatible.unexpected_keys:
+        logger.warning("Unexpected keys (not loaded): %s", incompatible.unexpected_keys)
+    return missing, list(incompatible.unexpected_keys)
