@@ -4,12 +4,20 @@ Thresholds are given in one explicit form, a mapping ``{patch_size: threshold}``
 coarser than the base patch, e.g. ``{32: 2.0, 64: 2.0, 128: 0.3}`` (the paper's detection
 setting). A sequence is also accepted and is read in *ascending* patch-size order:
 ``thresholds[i]`` belongs to ``patch_sizes[i + 1]``.
+
+Configs often carry numbers in other types: JSON and YAML mapping keys are strings
+(``{"32": 2.0}``), and values may be numpy or 0-d torch scalars. Patch sizes that are integers in
+disguise (``"32"``, ``np.int64(32)``, ``32.0``) and thresholds that are real scalars are accepted
+and converted to ``int`` / ``float``; anything else is rejected with the offending value named.
 """
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+import torch
 
 __all__ = ["PatchSchedule"]
 
@@ -28,13 +36,8 @@ class PatchSchedule:
     def __post_init__(self) -> None:
         if self.base_patch_size <= 0:
             raise ValueError(f"base patch size must be positive, got {self.base_patch_size}")
-        for size, value in zip(self.patch_sizes[1:], self.thresholds):
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(
-                    f"threshold for {size} px patches must be a finite number, got {value!r}; "
-                    "to never merge at a level use a threshold at or below the scorer's minimum "
-                    "(0 for entropy)"
-                )
+        values = tuple(_threshold_value(size, v) for size, v in zip(self.patch_sizes[1:], self.thresholds))
+        object.__setattr__(self, "thresholds", values)  # frozen: normalise once, here
 
     @property
     def num_levels(self) -> int:
@@ -69,7 +72,7 @@ class PatchSchedule:
                 keys when omitted.
         """
         if patch_sizes is not None:
-            patch_sizes = tuple(int(s) for s in patch_sizes)
+            patch_sizes = tuple(_patch_size_value(s, "patch_sizes") for s in patch_sizes)
             expected = tuple(base_patch_size << k for k in range(len(patch_sizes)))
             if patch_sizes != expected:
                 raise ValueError(
@@ -83,7 +86,16 @@ class PatchSchedule:
                 )
             return cls(base_patch_size, ())
         if isinstance(thresholds, Mapping):
-            sizes = sorted(int(s) for s in thresholds)
+            by_size: dict[int, object] = {}
+            key_of: dict[int, object] = {}
+            for key, value in thresholds.items():
+                size = _patch_size_value(key, "thresholds key")
+                if size in by_size:
+                    raise ValueError(
+                        f"thresholds give patch size {size} twice (keys {key_of[size]!r} and {key!r}); keep one"
+                    )
+                by_size[size], key_of[size] = value, key
+            sizes = sorted(by_size)
             if patch_sizes is None:
                 patch_sizes = tuple(base_patch_size << k for k in range(len(sizes) + 1))
             if tuple(sizes) != patch_sizes[1:]:
@@ -92,7 +104,7 @@ class PatchSchedule:
                     f"(powers of two times the base size {base_patch_size}, no gaps); "
                     f"got sizes {tuple(sizes)}"
                 )
-            values = tuple(thresholds[s] for s in patch_sizes[1:])
+            values = tuple(by_size[s] for s in patch_sizes[1:])
         elif isinstance(thresholds, Sequence) and not isinstance(thresholds, str):
             values = tuple(thresholds)
             if patch_sizes is None:
@@ -110,4 +122,37 @@ class PatchSchedule:
                 f"thresholds must be a mapping {{patch_size: threshold}} or a sequence, got "
                 f"{type(thresholds).__name__}"
             )
-        return cls(base_patch_size, tuple(float(v) if isinstance(v, (int, float)) else v for v in values))
+        return cls(base_patch_size, values)
+
+
+def _patch_size_value(value: object, what: str) -> int:
+    """A patch size given as an int, or an int in disguise (``"32"``, ``np.int64(32)``, ``32.0``)."""
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            pass
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool) and float(value).is_integer():
+        return int(value)
+    raise TypeError(
+        f"{what} must be a patch size in pixels (an integer such as 32, or a string of digits "
+        f"such as '32' from a JSON/YAML config), got {value!r} ({type(value).__name__})"
+    )
+
+
+def _threshold_value(size: int, value: object) -> float:
+    """A finite threshold from a real scalar: Python, numpy or a 0-d torch tensor."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_complex() and value.dtype != torch.bool:
+        value = value.item()
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(
+            f"threshold for {size} px patches must be a real number (int, float, numpy scalar or "
+            f"0-d tensor), got {value!r} ({type(value).__name__})"
+        )
+    if not math.isfinite(value):
+        raise ValueError(
+            f"threshold for {size} px patches must be a finite number, got {value!r}; "
+            "to never merge at a level use a threshold at or below the scorer's minimum "
+            "(0 for entropy)"
+        )
+    return float(value)

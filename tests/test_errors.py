@@ -63,6 +63,12 @@ def test_dense_mode_needs_only_patch_multiples():
         (dict(use_cls_token=True, pretrain_use_cls_token=False), "cls entry"),
         (dict(pixel_mean=(1.0, 2.0, 3.0)), "both pixel_mean and pixel_std"),
         (dict(pixel_mean=(1.0,), pixel_std=(2.0,)), "one per channel"),
+        (dict(thresholds={"32px": 1.0}), "thresholds key must be a patch size in pixels .* got '32px'"),
+        (dict(thresholds={32.5: 1.0}), "thresholds key must be a patch size .* got 32.5"),
+        (dict(thresholds={32: 1.0, "32": 2.0}), r"patch size 32 twice \(keys 32 and '32'\); keep one"),
+        (dict(thresholds={32: "2.0"}), "threshold for 32 px patches must be a real number .* got '2.0'"),
+        (dict(thresholds={32: torch.tensor([2.0])}), "must be a real number .* 0-d tensor"),
+        (dict(thresholds=[2.0], patch_sizes=(16, "thirty-two")), "patch_sizes must be a patch size"),
     ],
 )
 def test_bad_construction(kwargs, match):
