@@ -1,9 +1,12 @@
 """``APTViT``: adaptive patches, packed blocks, dense feature maps."""
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -77,13 +80,14 @@ class APTViT(nn.Module):
         adaptive: False turns adaptive patching off (every cell a base patch, no scoring).
         thresholds: ``{patch_size: threshold}`` for every coarse patch size, e.g.
             ``{32: 2.0, 64: 2.0, 128: 0.3}``; or a sequence in ascending order with
-            ``patch_sizes``. None means base patches only.
+            ``patch_sizes``. None means base patches only. Keys may be digit strings (JSON/YAML
+            configs) and values numpy or 0-d torch scalars; they are converted to int/float.
         patch_sizes: optional ``(p, 2p, 4p, ...)``.
         scorer: ``"entropy"`` (default; raw 0..255, 512-bin histogram), ``"laplacian"``,
             ``"upsample_mse"`` or a callable ``(gray, p, K) -> list[Tensor]``.
         scorer_kwargs: options of a named scorer (e.g. ``{"bins": 256}`` for entropy).
         pixel_mean, pixel_std: per-channel (0..255 scale) normalisation of the input, undone for
-            scoring. None when inputs are raw 0..255 pixels.
+            scoring, one value per channel (std positive). None when inputs are raw 0..255 pixels.
         input_format: channel order of the input, ``"RGB"`` or ``"BGR"`` (for the grayscale
             weights of the scorer; ``pixel_mean``/``pixel_std`` are in the same order).
         attention_backend: ``"auto"``, ``"flash_attn"``, ``"torch_varlen"`` or ``"sdpa"``.
@@ -127,6 +131,13 @@ class APTViT(nn.Module):
         attention_backend: str = "auto",
     ):
         super().__init__()
+        sizes = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
+                     depth=depth, num_heads=num_heads)
+        if use_abs_pos:
+            sizes["pretrain_img_size"] = pretrain_img_size
+        for name, value in sizes.items():
+            if not value > 0:
+                raise ValueError(f"{name} must be positive, got {value!r}")
         if block_type not in BLOCK_TYPES:
             raise ValueError(f"block_type must be one of {BLOCK_TYPES}, got {block_type!r}")
         if embed_dim % num_heads:
@@ -165,12 +176,9 @@ class APTViT(nn.Module):
         self.use_act_checkpoint = use_act_checkpoint
         if (pixel_mean is None) != (pixel_std is None):
             raise ValueError("give both pixel_mean and pixel_std (to undo normalisation for scoring), or neither")
-        for name, values in (("pixel_mean", pixel_mean), ("pixel_std", pixel_std)):
-            if values is not None and len(values) != in_chans:
-                raise ValueError(f"{name} has {len(values)} values for {in_chans} input channels; give one per channel")
         # Non-persistent buffers: they follow .to(device) and stay out of checkpoints.
-        self.register_buffer("pixel_mean", None if pixel_mean is None else torch.tensor(pixel_mean).float(), False)
-        self.register_buffer("pixel_std", None if pixel_std is None else torch.tensor(pixel_std).float(), False)
+        self.register_buffer("pixel_mean", _per_channel("pixel_mean", pixel_mean, in_chans), False)
+        self.register_buffer("pixel_std", _per_channel("pixel_std", pixel_std, in_chans), False)
         if input_format not in ("RGB", "BGR"):
             raise ValueError(f"input_format must be 'RGB' or 'BGR', got {input_format!r}")
         self.input_format = input_format
@@ -243,14 +251,26 @@ class APTViT(nn.Module):
         return kinds
 
     def check_input(self, images: torch.Tensor) -> None:
-        """Shape/dtype checks (no device sync); non-finite pixels are checked in ``forward``."""
+        """Shape/dtype/device checks (no device sync); non-finite pixels are checked in
+        :meth:`build_layout`."""
         if not isinstance(images, torch.Tensor):
             raise TypeError(f"images must be a torch.Tensor (B, C, H, W), got {type(images).__name__}")
+        if images.is_meta:
+            raise ValueError(
+                "images are on the meta device (shapes, no data), but APT chooses patches from pixel "
+                "values and sizes its token tensors from them: pass real images (e.g. on 'cpu' or 'cuda')"
+            )
         if images.dim() != 4:
             raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
         b, c, h, w = images.shape
         if b == 0:
             raise ValueError("empty batch: images has batch size 0; pass at least one image")
+        unit = self.size_divisibility
+        if h == 0 or w == 0:
+            raise ValueError(
+                f"images are {h}x{w} pixels; drop empty images, or pad them (bottom/right) to at least "
+                f"{unit}x{unit}"
+            )
         if c != self.in_chans:
             raise ValueError(
                 f"images have {c} channels but the model expects {self.in_chans}; convert them "
@@ -261,13 +281,27 @@ class APTViT(nn.Module):
                 f"images have integer dtype {images.dtype}; convert with images.float() (raw 0..255, "
                 "or normalised with the model's pixel_mean/pixel_std)"
             )
-        unit = self.schedule.largest_patch_size if self.merges else self.patch_size
+        self._check_dtype(images)
         what = "the largest patch size" if self.merges else "the patch size"
         if h % unit or w % unit:
             raise ValueError(
                 f"image size {h}x{w} is not a multiple of {what} ({unit} px); pad the images "
                 f"(bottom/right) to {-(-h // unit) * unit}x{-(-w // unit) * unit}"
             )
+
+    def _check_dtype(self, images: torch.Tensor) -> None:
+        """Images and weights share a float dtype, or autocast casts both (it never casts float64)."""
+        weight = self.patch_embed.proj.weight
+        if images.dtype == weight.dtype:
+            return
+        device_type = images.device.type
+        autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+        if autocast and torch.float64 not in (images.dtype, weight.dtype):
+            return
+        fix = f"convert the images (images{_to_dtype(weight.dtype)}) or the model (model{_to_dtype(images.dtype)})"
+        if torch.float64 not in (images.dtype, weight.dtype):
+            fix += ", or run mixed precision under torch.autocast"
+        raise TypeError(f"images are {images.dtype} but the model's weights are {weight.dtype}: {fix}")
 
     def build_layout(self, images: torch.Tensor) -> PatchLayout:
         """Score, select and pack (one host sync, which also carries the finite-pixel check)."""
@@ -384,3 +418,34 @@ class APTViT(nn.Module):
 
 def _largest_pow2_divisor(n: int) -> int:
     return n & -n
+
+
+def _to_dtype(dtype: torch.dtype) -> str:
+    """The tensor/module method call that converts to ``dtype``, e.g. ``.float()``."""
+    names = {torch.float32: "float", torch.float16: "half", torch.bfloat16: "bfloat16", torch.float64: "double"}
+    return f".{names[dtype]}()" if dtype in names else f".to({dtype})"
+
+
+def _per_channel(name: str, values: Sequence[float] | None, in_chans: int) -> torch.Tensor | None:
+    """``pixel_mean``/``pixel_std`` as a float32 ``(in_chans,)`` tensor, validated."""
+    if values is None:
+        return None
+    if isinstance(values, (torch.Tensor, np.ndarray)):
+        values = values.tolist()
+    if isinstance(values, numbers.Real):
+        raise TypeError(
+            f"{name} must give one value per input channel (0..255 scale), got the scalar {values!r}; "
+            f"for the same value on every channel pass ({values!r},) * {in_chans}"
+        )
+    if not isinstance(values, Sequence) or isinstance(values, str):
+        raise TypeError(f"{name} must be a sequence of {in_chans} numbers (0..255 scale), got {values!r}")
+    if len(values) != in_chans:
+        raise ValueError(f"{name} has {len(values)} values for {in_chans} input channels; give one per channel")
+    if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+        raise ValueError(f"{name} must be finite numbers (0..255 scale), got {values!r}")
+    if name == "pixel_std" and not all(v > 0 for v in values):
+        raise ValueError(
+            f"pixel_std must be positive (it divides the pixels, and scoring multiplies by it to undo "
+            f"normalisation), got {values!r}; use 1.0 for channels that are not scaled"
+        )
+    return torch.tensor([float(v) for v in values], dtype=torch.float32)

@@ -1,4 +1,4 @@
-"""Config values in disguise."""
+"""Config values in disguise, and dtypes under autocast."""
 import numpy as np
 import pytest
 import torch
@@ -35,3 +35,23 @@ def test_string_keys_give_the_same_layout(photos):
     plain = tiny(thresholds={32: 5.0, 64: 5.0}).build_layout(x)
     from_json = tiny(thresholds={"32": 5.0, "64": 5.0}).build_layout(x)
     assert torch.equal(plain.cell_level, from_json.cell_level)
+
+
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_autocast_accepts_low_precision_inputs(autocast_dtype, input_dtype, photos):
+    x = photo_batch(photos, 128, count=1).to(input_dtype)
+    with torch.no_grad(), torch.autocast("cpu", dtype=autocast_dtype):
+        assert tiny()(x).features[0].shape == (1, 32, 8, 8)
+
+
+def test_autocast_does_not_cast_float64():
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match=r"images.float\(\)"):
+        tiny()(torch.rand(1, 3, 128, 128, dtype=torch.float64) * 255)
+
+
+def test_half_model_takes_half_images(photos):
+    model = tiny().half()
+    with pytest.raises(TypeError, match=r"images.half\(\)"):
+        model(photo_batch(photos, 128, count=1))
+    model(photo_batch(photos, 128, count=1).half())
