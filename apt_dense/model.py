@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -19,11 +20,15 @@ from .embedding import AdaptivePatchEmbed, abs_pos_grid, area_pooled_levels, gat
 from .layout import PackedSequences, PatchLayout, build_layout, prepend_image_tokens, select_levels
 from .positions import rope_tables
 from .schedule import PatchSchedule
-from .scoring import build_scorer, to_intensity
+from .scoring import build_scorer, intensity_extremes, intensity_scale_problem, to_intensity
 
-__all__ = ["APTViT", "APTOutput", "TokenStats", "BLOCK_TYPES"]
+__all__ = ["APTViT", "APTOutput", "TokenStats", "InputScaleWarning", "BLOCK_TYPES"]
 
 BLOCK_TYPES = ("vitdet", "eva02")
+
+
+class InputScaleWarning(UserWarning):
+    """Inputs do not look like the scale ``pixel_mean``/``pixel_std`` imply (issued once per model)."""
 
 
 @dataclass
@@ -88,6 +93,8 @@ class APTViT(nn.Module):
         scorer_kwargs: options of a named scorer (e.g. ``{"bins": 256}`` for entropy).
         pixel_mean, pixel_std: per-channel (0..255 scale) normalisation of the input, undone for
             scoring, one value per channel (std positive). None when inputs are raw 0..255 pixels.
+            Inputs whose intensities do not fit this choice (normalised or 0..1 inputs without
+            them, raw inputs with them) get an :class:`InputScaleWarning`, once per model.
         input_format: channel order of the input, ``"RGB"`` or ``"BGR"`` (for the grayscale
             weights of the scorer; ``pixel_mean``/``pixel_std`` are in the same order).
         attention_backend: ``"auto"``, ``"flash_attn"``, ``"torch_varlen"`` or ``"sdpa"``.
@@ -179,6 +186,7 @@ class APTViT(nn.Module):
         # Non-persistent buffers: they follow .to(device) and stay out of checkpoints.
         self.register_buffer("pixel_mean", _per_channel("pixel_mean", pixel_mean, in_chans), False)
         self.register_buffer("pixel_std", _per_channel("pixel_std", pixel_std, in_chans), False)
+        self._input_scale_warned = False
         if input_format not in ("RGB", "BGR"):
             raise ValueError(f"input_format must be 'RGB' or 'BGR', got {input_format!r}")
         self.input_format = input_format
@@ -251,8 +259,8 @@ class APTViT(nn.Module):
         return kinds
 
     def check_input(self, images: torch.Tensor) -> None:
-        """Shape/dtype/device checks (no device sync); non-finite pixels are checked in
-        :meth:`build_layout`."""
+        """Shape/dtype/device checks (no device sync); non-finite pixels and the intensity scale
+        are checked in :meth:`build_layout`."""
         if not isinstance(images, torch.Tensor):
             raise TypeError(f"images must be a torch.Tensor (B, C, H, W), got {type(images).__name__}")
         if images.is_meta:
@@ -304,27 +312,36 @@ class APTViT(nn.Module):
         raise TypeError(f"images are {images.dtype} but the model's weights are {weight.dtype}: {fix}")
 
     def build_layout(self, images: torch.Tensor) -> PatchLayout:
-        """Score, select and pack (one host sync, which also carries the finite-pixel check)."""
+        """Score, select and pack. One host sync, which also carries the finite-pixel check and,
+        until it has warned once, the intensity-scale check (:class:`InputScaleWarning`)."""
         self.check_input(images)
         b, _, h, w = images.shape
         grid = (h // self.patch_size, w // self.patch_size)
-        nonfinite = (~torch.isfinite(images)).any().view(1).long()
+        flags = [(~torch.isfinite(images)).any().view(1).long()]
         cell_level = None
+        check_scale = self.merges and not self._input_scale_warned
         if self.merges:
             with torch.no_grad():
                 gray = to_intensity(images, self.pixel_mean, self.pixel_std, self.input_format)
+                if check_scale:
+                    flags.append(intensity_extremes(gray))
                 scores = self.scorer(gray, self.patch_size, self.schedule.num_levels)
                 cell_level = select_levels(scores, self.schedule.thresholds)
-        layout, (bad,) = build_layout(
+        layout, (bad, *extremes) = build_layout(
             cell_level,
             batch_size=b,
             grid_size=grid,
             window_size=self.window_size,
             device=images.device,
-            sync_flags=nonfinite,
+            sync_flags=torch.cat(flags),
         )
         if bad:
             raise ValueError("images contain NaN or Inf pixels; clean or drop those images before the model")
+        if check_scale:
+            problem = intensity_scale_problem(extremes, undone=self.pixel_mean is not None)
+            if problem is not None:
+                self._input_scale_warned = True
+                warnings.warn(f"APTViT: {problem} (warned once per model)", InputScaleWarning, stacklevel=2)
         return layout
 
     def _context(self, layout: PatchLayout, image_seqs: PackedSequences, slot_image: torch.Tensor) -> PackedContext:

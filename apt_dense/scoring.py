@@ -14,6 +14,8 @@ import torch.nn.functional as F
 __all__ = [
     "GRAY_WEIGHTS",
     "to_intensity",
+    "intensity_extremes",
+    "intensity_scale_problem",
     "EntropyScorer",
     "LaplacianScorer",
     "UpsampleMSEScorer",
@@ -58,6 +60,69 @@ def to_intensity(
         raise ValueError(f"scoring needs 1 or 3 channels, got {x.shape[1]}")
     r, g, b = x.unbind(1) if channel_order == "RGB" else x.unbind(1)[::-1]
     return GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b
+
+
+# Scale check. Scorers and their thresholds assume intensities on the raw 0..255 scale; inputs on
+# another scale make every patch look flat (all merge) or saturate the histogram. The check reads
+# the batch's grayscale extremes, which travel with the layout's one host sync.
+# - Too dark: normalised inputs top out at (255 - mean) / std, 2.64 for ImageNet statistics, about
+#   2.2 for CLIP's, 1.0 for [-1, 1] and 0..1 scaling; grayscale, a weighted mean, is no higher. A
+#   genuine photo whose brightest pixel is below 4 / 255 (1.6% of full scale) is black to the eye,
+#   so 4 leaves a 1.5x margin on both sides.
+# - Too bright: undone normalised inputs stop at 255, and augmentation overshoot (bicubic resizing,
+#   colour jitter) or even standard-normal test inputs (5 sigma: 123 + 5 * 58 = 413) stay far below
+#   1000. Raw 0..255 input with ImageNet statistics undoes to up to 255 * 57 + 117 = 14,700; a dark
+#   raw photo whose brightest pixel is 16 already exceeds 1000. Mean-only normalisation (std 1)
+#   stays in range and cannot be told apart.
+# - Constant batches (black frames, canvases of padding) score the same on every scale: no warning.
+# The extremes are snapped to 1/256 (the grid to_intensity snaps to) and clamped to +-2**31 so
+# they fit int64 next to the layout's counts.
+_DARKEST_MAX_INTENSITY = 4.0
+_BRIGHTEST_MAX_INTENSITY = 1000.0
+_EXTREMES_SCALE = 256.0
+
+
+def intensity_extremes(gray: torch.Tensor) -> torch.Tensor:
+    """``(2,)`` int64 on the device: min and max of a grayscale batch in 1/256 steps (no sync)."""
+    low, high = torch.aminmax(gray)
+    return (torch.stack([low, high]).clamp(-(2.0**31), 2.0**31) * _EXTREMES_SCALE).round().long()
+
+
+def intensity_scale_problem(extremes: Sequence[int], undone: bool) -> str | None:
+    """What is wrong with the inputs' scale, from host :func:`intensity_extremes`, or None.
+
+    Args:
+        extremes: ``(min, max)`` as returned by :func:`intensity_extremes`, on the host.
+        undone: ``pixel_mean``/``pixel_std`` were given and undone before measuring.
+    """
+    low, high = (v / _EXTREMES_SCALE for v in extremes)
+    if high <= low:
+        return None
+    if high < _DARKEST_MAX_INTENSITY:
+        if undone:
+            return (
+                f"the brightest grayscale value is {high:.2f} on the 0..255 scale after undoing "
+                f"pixel_mean/pixel_std, so every patch looks flat and merges: give pixel_mean/pixel_std "
+                f"on the 0..255 scale (e.g. apt_dense.presets.IMAGENET_PIXEL_MEAN/STD) as the inputs "
+                f"were normalised with, or feed raw 0..255 pixels without them"
+            )
+        return (
+            f"inputs look normalised or scaled to 0..1 (brightest grayscale value {high:.2f} on the "
+            f"0..255 scale), so every patch looks flat and merges: pass pixel_mean/pixel_std "
+            f"(0..255 scale) so APT can undo the normalisation, or feed raw 0..255 pixels"
+        )
+    if high > _BRIGHTEST_MAX_INTENSITY:
+        if undone:
+            return (
+                f"values reach {high:.0f} after undoing pixel_mean/pixel_std (raw pixels stop at "
+                f"255): inputs look raw 0..255, not normalised; drop pixel_mean/pixel_std, or "
+                f"normalise the inputs with them"
+            )
+        return (
+            f"values reach {high:.0f} (8-bit pixels stop at 255), beyond the scorer's 0..255 "
+            f"scale: rescale the inputs to 0..255 (e.g. 16-bit images / 257)"
+        )
+    return None
 
 
 def _sum_pool2x(x: torch.Tensor) -> torch.Tensor:
