@@ -1,15 +1,22 @@
-"""Real sample photographs and ViTDet-style letterboxing, for demos, tests and benchmarks."""
+"""Real sample photographs, image folders and ViTDet-style letterboxing, for demos, tests and
+benchmarks."""
 from __future__ import annotations
 
+import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SAMPLE_PHOTOS", "load_sample_photos", "load_image_folder", "letterbox", "normalise"]
+__all__ = [
+    "SAMPLE_PHOTOS", "load_sample_photos", "image_files", "read_image", "iter_image_folder", "load_image_folder",
+    "letterbox", "normalise",
+]
+
+logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -26,32 +33,100 @@ def load_sample_photos(names: Sequence[str] = SAMPLE_PHOTOS) -> dict[str, np.nda
     return {name: np.ascontiguousarray(getattr(skimage.data, name)()[..., :3]) for name in names}
 
 
-def load_image_folder(folder: str | Path, limit: int | None = None) -> dict[str, np.ndarray]:
-    """``{file name: (H, W, 3) uint8}`` for the images in ``folder`` (sorted by name).
+def image_files(folder: str | Path) -> list[Path]:
+    """The files in ``folder`` with an image suffix (``IMAGE_SUFFIXES``), sorted by name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder {folder} does not exist or is not a folder")
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
-    Grayscale and RGBA/palette images are converted to RGB; files that cannot be read are
-    skipped. Both are reported with a warning that names the file.
+
+def _high_depth_to_uint8(image, name: str) -> np.ndarray | None:
+    """``(H, W)`` uint8 from a 16/32-bit integer or float single-channel PIL image, scaled by its
+    range, or None (with a warning) when the range is not one we can interpret."""
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode == "F":
+        if not np.isfinite(values).all():
+            logger.warning("%s: skipped, float image with NaN or Inf pixels", name)
+            return None
+        lo, hi = float(values.min()), float(values.max())
+        if lo >= 0 and hi <= 1:
+            logger.warning("%s: float image in 0..1 scaled by 255 and converted to RGB", name)
+            values = values * 255
+        elif lo >= 0 and hi <= 255:
+            logger.warning("%s: float image with values up to %.4g read as 0..255 and converted to RGB", name, hi)
+        else:
+            logger.warning("%s: skipped, float pixel values span [%.4g, %.4g], neither 0..1 nor 0..255; "
+                           "save it as an 8-bit image", name, lo, hi)
+            return None
+    else:
+        # "I;16*" modes are 16-bit. "I" is 32-bit storage: older Pillow reads 16-bit PNGs so, and
+        # TIFF says its bit depth in BitsPerSample (tag 258).
+        bits = getattr(image, "tag_v2", {}).get(258, 16) if image.mode == "I" else 16
+        bits = bits[0] if isinstance(bits, tuple) else int(bits)
+        top = float(2**bits - 1)
+        if values.min() < 0 or values.max() > top:
+            logger.warning("%s: skipped, %d-bit image with values outside 0..%d; save it as an 8-bit image",
+                           name, bits, int(top))
+            return None
+        logger.warning("%s: %d-bit image scaled to 8 bits (x 255/%d) and converted to RGB", name, bits, int(top))
+        values = values * (255 / top)
+    return np.round(values).astype(np.uint8)
+
+
+def read_image(path: str | Path) -> np.ndarray | None:
+    """``(H, W, 3)`` uint8 RGB pixels of one image file, or None when it is skipped.
+
+    Other modes are converted, high bit depths scaled to 0..255 (16-bit by 255/65535, float in
+    0..1 by 255). Unreadable files and images over PIL's decompression-bomb limit
+    (``PIL.Image.MAX_IMAGE_PIXELS``) are skipped. Each conversion or skip logs one warning that
+    names the file.
     """
     from PIL import Image, UnidentifiedImageError
 
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"image folder {folder} does not exist")
-    images: dict[str, np.ndarray] = {}
-    for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
-        if limit is not None and len(images) >= limit:
-            break
+    path = Path(path)
+    with warnings.catch_warnings():
+        # PIL only warns between the limit and twice the limit, then decodes the whole image.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             with Image.open(path) as image:
-                if image.mode != "RGB":
-                    warnings.warn(f"{path.name}: {image.mode} image converted to RGB", stacklevel=2)
-                    image = image.convert("RGB")
-                images[path.name] = np.asarray(image)
-        except (UnidentifiedImageError, OSError) as err:
-            warnings.warn(f"{path.name}: skipped, cannot be read ({err})", stacklevel=2)
-    if not images:
+                if image.mode == "RGB":
+                    return np.array(image)
+                if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+                    gray = _high_depth_to_uint8(image, path.name)
+                    return None if gray is None else np.repeat(gray[..., None], 3, axis=2)
+                logger.warning("%s: %s image converted to RGB", path.name, image.mode)
+                return np.array(image.convert("RGB"))
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+            logger.warning("%s: skipped, %s Downscale it, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file",
+                           path.name, err)
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+            logger.warning("%s: skipped, cannot be read (%s)", path.name, err)
+    return None
+
+
+def iter_image_folder(folder: str | Path, limit: int | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """``(file name, (H, W, 3) uint8)`` for up to ``limit`` readable images of ``folder``, read
+    one at a time in name order (see :func:`read_image` for conversions and skips).
+
+    Raises:
+        ValueError: at the end, when no file could be read.
+    """
+    found = 0
+    for path in image_files(folder):
+        if limit is not None and found >= limit:
+            return
+        image = read_image(path)
+        if image is not None:
+            found += 1
+            yield path.name, image
+    if not found:
         raise ValueError(f"no readable images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
-    return images
+
+
+def load_image_folder(folder: str | Path, limit: int | None = None) -> dict[str, np.ndarray]:
+    """``{file name: (H, W, 3) uint8}``: :func:`iter_image_folder` read at once."""
+    return dict(iter_image_folder(folder, limit))
 
 
 def normalise(raw: torch.Tensor, pixel_mean: Sequence[float], pixel_std: Sequence[float]) -> torch.Tensor:
@@ -71,10 +146,14 @@ def letterbox(
         ``(3, canvas, canvas)`` float32 raw 0..255 image (rounded to integers like a uint8 resize)
         and the resized content size ``(h, w)``.
     """
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"letterbox takes (H, W, 3) RGB pixels, got shape {tuple(image.shape)}; "
+                         "convert grayscale or RGBA images to RGB first (read_image does)")
     h, w = image.shape[:2]
     scale = canvas / max(h, w)
     nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    x = torch.from_numpy(image).permute(2, 0, 1).float().unsqueeze(0)
+    # A float32 copy: arrays from PIL are read-only, which torch.from_numpy warns about.
+    x = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1).unsqueeze(0)
     x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
     x = x.round().clamp(0, 255)[0]
     fill = torch.zeros(3) if pixel_mean is None else torch.as_tensor(pixel_mean, dtype=torch.float32)
