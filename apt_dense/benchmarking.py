@@ -1,17 +1,34 @@
-"""Side-by-side timing of models on the same inputs (alternating, after warm-up)."""
+"""Side-by-side timing of models on the same inputs (alternating, after warm-up), model pairs
+and patching stand-ins for the tools, and the argument types their command lines share."""
 from __future__ import annotations
 
+import argparse
+import json
+import math
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import torch
 
-__all__ = ["time_side_by_side", "backbone_flops", "build_model_pair"]
+__all__ = [
+    "timed_call", "time_side_by_side", "backbone_flops", "build_model_pair", "patching_model",
+    "positive_int", "non_negative_int", "non_negative_float", "unit_fraction", "thresholds_json", "existing_folder",
+]
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def timed_call(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds one call of ``fn`` takes, with the device's queued work finished on both ends."""
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
 
 
 def time_side_by_side(
@@ -26,11 +43,7 @@ def time_side_by_side(
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
         for name, fn in runs.items():
-            _sync(device)
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(timed_call(fn, device))
     return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
@@ -70,3 +83,88 @@ def build_model_pair(host: str, thresholds, *, seed: int = 0, **overrides):
     dense = APTViT(**kwargs, thresholds=thresholds, adaptive=False).eval()
     dense.load_state_dict(apt.state_dict())
     return apt, dense
+
+
+def patching_model(
+    thresholds: Mapping[int, float],
+    *,
+    img_size: int,
+    patch_size: int = 16,
+    window_size: int = 0,
+    scorer: str = "entropy",
+    pixel_mean=None,
+    pixel_std=None,
+):
+    """A one-block, 8-dim :class:`APTViT` with the given patching: its layouts (tokens kept,
+    patch sizes) are those of any host with the same patch size, thresholds and windows, and
+    building it runs APTViT's own checks of those arguments. Weights play no part in patching.
+
+    Raises:
+        ValueError: naming the problem, for bad thresholds, a window that is not a multiple of
+            the largest patch, or an ``img_size`` that is not a multiple of it.
+    """
+    from .model import APTViT
+
+    model = APTViT(img_size=img_size, patch_size=patch_size, embed_dim=8, depth=1, num_heads=1,
+                   window_size=window_size, window_block_indexes=(0,) if window_size else (), use_abs_pos=False,
+                   thresholds=thresholds, scorer=scorer, pixel_mean=pixel_mean, pixel_std=pixel_std).eval()
+    unit = model.size_divisibility
+    if img_size % unit:
+        lower, upper = img_size // unit * unit, -(-img_size // unit) * unit
+        raise ValueError(f"size {img_size} px is not a multiple of the largest patch ({unit} px) of thresholds "
+                         f"{model.schedule.threshold_map()}; use " + (f"{lower} or {upper}" if lower else f"{upper}"))
+    return model
+
+
+# Argument types for the tools' argparse parsers: a bad value becomes a one-line usage error.
+
+def _number(text: str, kind: type, what: str, ok: Callable[[float], bool]):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+    if not (math.isfinite(value) and ok(value)):
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return _number(text, int, "a positive integer", lambda v: v > 0)
+
+
+def non_negative_int(text: str) -> int:
+    return _number(text, int, "0 or a positive integer", lambda v: v >= 0)
+
+
+def non_negative_float(text: str) -> float:
+    return _number(text, float, "a number >= 0", lambda v: v >= 0)
+
+
+def unit_fraction(text: str) -> float:
+    return _number(text, float, "a fraction in (0, 1]", lambda v: 0 < v <= 1)
+
+
+def thresholds_json(text: str) -> dict[int, float]:
+    """``'{"32": 2, "64": 2, "128": 0.3}'`` -> ``{32: 2.0, 64: 2.0, 128: 0.3}``. Whether the sizes
+    fit the patch size, windows and canvas is checked later, by :func:`patching_model`."""
+    example = '\'{"32": 2, "64": 2, "128": 0.3}\''
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not JSON; write a mapping like {example}") from None
+    if not isinstance(value, dict) or not value:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a {{patch size: threshold}} mapping like {example}")
+    thresholds = {}
+    for key, threshold in value.items():
+        if not str(key).isdigit() or isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+            raise argparse.ArgumentTypeError(f"{key!r}: {threshold!r} is not a patch size in px with a numeric "
+                                             f"threshold; write a mapping like {example}")
+        thresholds[int(key)] = float(threshold)
+    return thresholds
+
+
+def existing_folder(text: str) -> Path:
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is not a folder")
+    return path
