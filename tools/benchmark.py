@@ -10,14 +10,17 @@ Each configuration (a thresholds map) is one row: tokens kept (mean/min/max), im
 speedup, the ideal speedup for the tokens kept (FLOP ratio), achieved/ideal, time spent in
 scoring + layout, and peak memory (CUDA). The dense side is the same module with adaptive patching
 off: no scoring, equal-length sequences, one batched SDPA (flash / memory-efficient kernels), the
-fastest honest dense path. Results go to ``<output-dir>/<tag>.{json,md,png}``. Ctrl-C stops
-cleanly and keeps the rows measured so far.
+fastest honest dense path. Every argument and configuration is checked before anything is
+measured. Results go to ``<output-dir>/<tag>.{json,md,png}``, by default
+``benchmarks/results/<host>-<size>-<level>-<device>-<dtype>.*``. Ctrl-C stops cleanly and keeps
+the rows measured so far.
 """
 from __future__ import annotations
 
 import argparse
 import datetime as dt
 import json
+import logging
 import platform
 import sys
 from pathlib import Path
@@ -25,7 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from apt_dense.benchmarking import backbone_flops, build_model_pair, time_side_by_side
+from apt_dense.attention import BACKENDS
+from apt_dense.benchmarking import (
+    backbone_flops, build_model_pair, existing_folder, non_negative_float, non_negative_int, patching_model,
+    positive_int, thresholds_json, time_side_by_side,
+)
 from apt_dense.presets import APT_SETTINGS, HOSTS, IMAGENET_PIXEL_MEAN, IMAGENET_PIXEL_STD
 from apt_dense.sample_images import letterbox, load_image_folder, load_sample_photos, normalise
 
@@ -36,36 +43,63 @@ ROOT = Path(__file__).resolve().parents[1]
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", default="eva02_b_seg", choices=sorted(HOSTS), help="host architecture preset")
-    p.add_argument("--size", type=int, default=512, help="square canvas (ViTDet-style letterbox)")
-    p.add_argument("--window", type=int, default=None, help="window size in cells (default: the host's)")
-    p.add_argument("--depth", type=int, default=None, help="fewer blocks (quick runs)")
+    p.add_argument("--size", type=positive_int, default=512,
+                   help="square canvas (ViTDet-style letterbox), a multiple of the largest patch")
+    p.add_argument("--window", type=positive_int, default=None, help="window size in cells (default: the host's)")
+    p.add_argument("--depth", type=positive_int, default=None, help="fewer blocks (quick runs)")
     p.add_argument("--setting", default="segmentation", choices=sorted(APT_SETTINGS), help="paper thresholds")
-    p.add_argument("--scales", type=float, nargs="+", default=[0.0, 0.8, 1.0, 1.15],
+    p.add_argument("--scales", type=non_negative_float, nargs="+", default=[0.0, 0.8, 1.0, 1.15],
                    help="configurations: the setting's thresholds times each scale (0 = merging off)")
-    p.add_argument("--thresholds", action="append", type=json.loads, default=None,
+    p.add_argument("--thresholds", action="append", type=thresholds_json, default=None,
                    help='explicit configuration(s), JSON like \'{"32": 2, "64": 2, "128": 0.3}\' (repeatable)')
-    p.add_argument("--images", type=Path, default=None, help="folder of images (default: scikit-image's sample photos)")
-    p.add_argument("--limit", type=int, default=None, help="at most this many images")
-    p.add_argument("--batch", type=int, default=None, help="images per forward (default: all)")
+    p.add_argument("--images", type=existing_folder, default=None,
+                   help="folder of images (default: scikit-image's sample photos)")
+    p.add_argument("--limit", type=positive_int, default=None, help="at most this many images")
+    p.add_argument("--batch", type=positive_int, default=None, help="images per forward (default: all)")
     p.add_argument("--level", choices=["backbone", "full"], default="backbone",
                    help="full: the whole model, UperNet (mmseg) for *_seg hosts, Cascade / Mask R-CNN (detectron2) "
                         "for detection hosts; the ideal then counts the heads' FLOPs")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     p.add_argument("--compile", action="store_true", help="torch.compile the blocks of both sides")
-    p.add_argument("--attention-backend", default="auto", help="APT side: auto, flash_attn, torch_varlen or sdpa")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--output-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--attention-backend", default="auto", choices=BACKENDS, help="APT side's attention kernels")
+    p.add_argument("--warmup", type=non_negative_int, default=1, help="untimed runs per side first")
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed runs per side (the median counts)")
+    p.add_argument("--output-dir", type=Path, default=ROOT / "benchmarks" / "results",
+                   help="results go to OUTPUT_DIR/TAG.json, .md and .png "
+                        "(default: benchmarks/results in the repository)")
     p.add_argument("--tag", default=None, help="output file stem (default: host-size-level-device-dtype)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:
+        check(args)
+    except ValueError as err:
+        p.error(str(err))
+    return args
+
+
+def check(args) -> None:
+    """Everything that can be checked before measuring: the device, and every configuration
+    against the host's patch size and windows and the canvas size (ValueError naming it)."""
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(f"--device {args.device!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but this torch sees no CUDA device; use --device cpu")
+    host = HOSTS[args.host]
+    window = (args.window or host.get("window_size", 0)) if host.get("window_block_indexes") else 0
+    for thresholds in configurations(args):
+        try:
+            patching_model(thresholds, img_size=args.size, patch_size=host["patch_size"], window_size=window)
+        except ValueError as err:
+            raise ValueError(f"configuration {thresholds}: {err}") from None
 
 
 def configurations(args) -> list[dict[int, float]]:
     if args.thresholds:
-        return [{int(k): float(v) for k, v in t.items()} for t in args.thresholds]
+        return args.thresholds
     base = APT_SETTINGS[args.setting]
-    return [{size: value * scale for size, value in base.items()} for scale in args.scales]
+    return [{size: round(value * scale, 4) for size, value in base.items()} for scale in args.scales]
 
 
 def load_images(args) -> tuple[list[str], torch.Tensor, torch.Tensor]:
@@ -209,16 +243,24 @@ def write_outputs(stem: Path, env: dict, args, rows: list[dict]) -> None:
     except ImportError:
         print("matplotlib not installed: no plot")
         return
-    kept = [r["kept_mean"] for r in rows]
-    fig, ax = plt.subplots(figsize=(5, 4))
-    ax.plot(kept, [r["ideal_speedup"] for r in rows], "o--", label="ideal (FLOP ratio)")
-    ax.plot(kept, [r["speedup"] for r in rows], "s-", label="measured")
-    ax.axhline(1.0, color="grey", lw=0.8)
-    ax.set_xlabel("mean fraction of tokens kept")
-    ax.set_ylabel("speedup over dense")
-    ax.set_title(f"{args.host} {args.size}, {env['device']}, {args.dtype}", fontsize=9)
-    ax.invert_xaxis()
-    ax.legend()
+    order = sorted(range(len(rows)), key=lambda i: -rows[i]["kept_mean"])
+    kept = [100 * rows[i]["kept_mean"] for i in order]
+    fig, ax = plt.subplots(figsize=(6, 4.4))
+    ax.plot(kept, [rows[i]["ideal_speedup"] for i in order], "o--", color="tab:grey", label="ideal (FLOP ratio)")
+    ax.plot(kept, [rows[i]["speedup"] for i in order], "s-", color="tab:blue", label="measured")
+    paper = {str(k): round(v, 4) for k, v in APT_SETTINGS[args.setting].items()}
+    for r in rows:
+        if r["thresholds"] == paper:
+            ax.plot([100 * r["kept_mean"]], [r["speedup"]], "*", ms=16, color="tab:red",
+                    label=f"the paper's {args.setting} setting {r['thresholds']}".replace("'", ""))
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_xlabel("tokens kept (% of dense, mean over images)")
+    ax.set_ylabel("speedup over dense (x)")
+    ax.set_title(f"{args.host} at {args.size} px, {args.level}, {env['device']} ({env['threads']} threads), "
+                 f"{args.dtype}, batch {args.batch or 'all'}", fontsize=9)
+    ax.invert_xaxis()  # fewer tokens to the right: faster
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(stem.with_suffix(".png"), dpi=120)
     plt.close(fig)
@@ -227,8 +269,12 @@ def write_outputs(stem: Path, env: dict, args, rows: list[dict]) -> None:
 @torch.no_grad()
 def main(argv=None) -> int:
     args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     device = torch.device(args.device)
-    names, raw_images, images = load_images(args)
+    try:
+        names, raw_images, images = load_images(args)
+    except ValueError as err:  # e.g. no readable images in the folder
+        raise SystemExit(f"error: {err}") from None
     batch = args.batch or len(names)
     batches = [images[i : i + batch].to(device) for i in range(0, len(names), batch)]
     raw_batches = [raw_images[i : i + batch].to(device) for i in range(0, len(names), batch)]

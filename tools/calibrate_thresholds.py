@@ -1,10 +1,11 @@
 #!/usr/bin/env python
-"""Choose thresholds that keep a target fraction of tokens on your images, or print the
+"""Choose thresholds that keep a target fraction of tokens on your images, and plot the
 thresholds-vs-tokens curve to pick a speed/accuracy point.
 
-Thresholds move together: ``scale * base`` for a base map (default: the paper's setting), so
-their ratios are kept. Each image is scored once; every candidate then costs only the
-quadtree selection.
+Thresholds move together: ``scale * base`` for a base map (default: the paper's setting, scale 1),
+so their ratios are kept. Each image is scored once; every candidate then costs only the
+quadtree selection. Ctrl-C while scoring calibrates on the images scored so far; Ctrl-C later
+writes what was computed.
 
     python tools/calibrate_thresholds.py --target 0.6                    # sample photos, 1024, detection base
     python tools/calibrate_thresholds.py --images ade/val --size 512 --setting segmentation --curve
@@ -13,61 +14,95 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import math
 import sys
 from pathlib import Path
 
 import torch
 
+from apt_dense.benchmarking import (
+    existing_folder, patching_model, positive_int, thresholds_json, unit_fraction,
+)
 from apt_dense.layout import build_layout, select_levels
 from apt_dense.presets import APT_SETTINGS, IMAGENET_PIXEL_MEAN
-from apt_dense.sample_images import letterbox, load_image_folder, load_sample_photos
-from apt_dense.schedule import PatchSchedule
-from apt_dense.scoring import build_scorer, to_intensity
+from apt_dense.sample_images import image_files, iter_image_folder, letterbox, load_sample_photos
+from apt_dense.scoring import to_intensity
+
+DEFAULT_CURVE = Path("outputs/threshold_curve.png")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", type=Path, default=None, help="folder of images (default: scikit-image's sample photos)")
-    p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--size", type=int, default=1024)
-    p.add_argument("--patch-size", type=int, default=16)
+    p.add_argument("--images", type=existing_folder, default=None,
+                   help="folder of images (default: scikit-image's sample photos)")
+    p.add_argument("--limit", type=positive_int, default=None, help="at most this many images")
+    p.add_argument("--size", type=positive_int, default=1024, help="square canvas, a multiple of the largest patch")
+    p.add_argument("--patch-size", type=positive_int, default=16)
     p.add_argument("--setting", default="detection", choices=sorted(APT_SETTINGS), help="base thresholds")
-    p.add_argument("--base", type=str, default=None, help='base thresholds as JSON (overrides --setting)')
+    p.add_argument("--base", type=thresholds_json, default=None, help="base thresholds as JSON (overrides --setting)")
     p.add_argument("--scorer", default="entropy", choices=["entropy", "laplacian", "upsample_mse"])
-    p.add_argument("--target", type=float, default=None, help="mean fraction of tokens to keep, in (0, 1]")
-    p.add_argument("--curve", action="store_true", help="print kept fraction for a range of scales")
+    p.add_argument("--target", type=unit_fraction, default=None, help="mean fraction of tokens to keep, in (0, 1]")
+    p.add_argument("--curve", type=Path, nargs="?", const=DEFAULT_CURVE, default=None, metavar="PNG",
+                   help=f"print tokens kept over a range of scales and plot them to PNG (default: {DEFAULT_CURVE})")
     p.add_argument("--output", type=Path, default=None, help="write the result as JSON")
     args = p.parse_args(argv)
-    if args.target is None and not args.curve:
+    if args.target is None and args.curve is None:
         p.error("give --target FRACTION, --curve, or both")
-    if args.target is not None and not 0 < args.target <= 1:
-        p.error(f"--target must be in (0, 1], got {args.target}")
+    try:
+        schedule = patching(args).schedule
+    except ValueError as err:
+        p.error(str(err))
+    floor = 1 / 4**schedule.num_levels  # every region merged into the largest patches
+    if args.target is not None and args.target < floor:
+        p.error(f"--target {args.target:g} is below what patch sizes {schedule.patch_sizes} can reach: with all of "
+                f"an image in {schedule.largest_patch_size} px patches, {floor:.2%} of tokens stay; aim at "
+                f"{floor:g} or more, or add larger patch sizes to the base thresholds")
     return args
 
 
-def image_scores(args, schedule: PatchSchedule) -> list[list[torch.Tensor]]:
-    photos = load_image_folder(args.images, args.limit) if args.images else load_sample_photos()
-    scorer = build_scorer(args.scorer)
-    scores = []
-    for index, image in enumerate(photos.values(), start=1):
-        raw, _ = letterbox(image, args.size, IMAGENET_PIXEL_MEAN)
-        scores.append(scorer(to_intensity(raw.unsqueeze(0)), args.patch_size, schedule.num_levels))
-        print(f"\rscored {index}/{len(photos)} images", end="", flush=True)
-    print()
-    return scores
+def patching(args):
+    """A stand-in model with the base thresholds: it validates them and scores images."""
+    base = args.base or APT_SETTINGS[args.setting]
+    return patching_model(base, img_size=args.size, patch_size=args.patch_size, scorer=args.scorer)
+
+
+def image_scores(args, model) -> tuple[list[list[torch.Tensor]], bool]:
+    """Per-level scores of each image, and whether Ctrl-C stopped the scoring early."""
+    if args.images:
+        total = min(len(image_files(args.images)), args.limit or sys.maxsize)
+        photos = iter_image_folder(args.images, args.limit)
+    else:
+        photos = iter(load_sample_photos().items())
+        total = 5
+    every = max(1, total // 20)  # about 20 progress lines, each whole so warnings do not break them
+    scores: list[list[torch.Tensor]] = []
+    try:
+        for index, (_, image) in enumerate(photos, start=1):
+            raw, _ = letterbox(image, args.size, IMAGENET_PIXEL_MEAN)
+            gray = to_intensity(raw.unsqueeze(0))
+            scores.append(model.scorer(gray, args.patch_size, model.schedule.num_levels))
+            if index % every == 0 or index == total:
+                print(f"scored {index}/{total} images", flush=True)
+    except KeyboardInterrupt:
+        print(f"interrupted: going on with the {len(scores)} images scored so far", flush=True)
+        return scores, True
+    return scores, False
 
 
 def kept_fraction(scores: list[list[torch.Tensor]], thresholds: tuple[float, ...]) -> float:
     fractions = []
     for per_level in scores:
         level = select_levels(per_level, thresholds)
-        layout, _ = build_layout(level, batch_size=1, grid_size=tuple(level.shape[1:]), window_size=0, device=level.device)
+        layout, _ = build_layout(level, batch_size=1, grid_size=tuple(level.shape[1:]), window_size=0,
+                                 device=level.device)
         fractions.extend(layout.kept_fraction)
     return sum(fractions) / len(fractions)
 
 
-def calibrate(scores, base: tuple[float, ...], target: float, steps: int = 40) -> tuple[float, float]:
-    """Bisection on the scale (kept fraction falls as the scale grows). Returns (scale, kept)."""
+def calibrate(scores, base: tuple[float, ...], target: float, steps: int = 30) -> float:
+    """The smallest scale (to 4 decimals) whose thresholds keep at most ``target`` (bisection:
+    the kept fraction falls as the scale grows). Capped at 10^4 when no scale gets that low."""
     low, high = 0.0, 1.0
     while kept_fraction(scores, tuple(b * high for b in base)) > target and high < 1e4:
         high *= 2
@@ -77,32 +112,103 @@ def calibrate(scores, base: tuple[float, ...], target: float, steps: int = 40) -
             low = mid
         else:
             high = mid
-    return high, kept_fraction(scores, tuple(b * high for b in base))
+    return math.ceil(high * 1e4) / 1e4
+
+
+def curve_scales(chosen: float | None) -> list[float]:
+    """Scales for the curve: 0 to at least 2 and a quarter past the chosen scale, in at most 16
+    round steps, plus 1 (the base setting) and the chosen scale themselves."""
+    reach = max(2.0, 1.25 * (chosen or 0))
+    step = next(s for s in (0.125, 0.25, 0.5, 1, 2, 2.5, 5, 10, 20, 25, 50, 100, 250, 500, 1000) if reach / s <= 16)
+    steps = math.ceil(reach / step - 1e-9)
+    scales = {round(i * step, 4) for i in range(steps + 1)} | {1.0}
+    if chosen is not None:
+        scales.add(chosen)
+    return sorted(scales)
+
+
+def scaled(threshold_map: dict[int, float], scale: float) -> dict[int, float]:
+    return {size: round(t * scale, 4) for size, t in threshold_map.items()}
+
+
+def plot_curve(path: Path, result: dict, setting: str) -> bool:
+    """The curve as a PNG: tokens kept against the scale, the base setting and the target
+    marked. False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot (pip install 'apt-dense[demo]')")
+        return False
+    scales = [point["scale"] for point in result["curve"]]
+    kept = [100 * point["kept"] for point in result["curve"]]
+    first_size, first = next(iter(result["base"].items()))
+    base = ", ".join(f"{size} px: {t:g}" for size, t in result["base"].items())
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    ax.plot(scales, kept, "o-", ms=4, color="tab:blue", label="tokens kept")
+    ax.axvline(1.0, color="tab:green", ls="--", lw=1.2, label=f"scale 1: {setting} ({base})")
+    if "target" in result:
+        ax.axhline(100 * result["target"], color="tab:red", ls=":", lw=1.2, label=f"target {result['target']:.0%}")
+        ax.plot([result["scale"]], [100 * result["kept"]], "D", color="tab:red", ms=8,
+                label=f"chosen: scale {result['scale']:g}, {result['kept']:.1%} kept")
+    ax.set_xlabel("threshold scale (x base thresholds)")
+    ax.set_ylabel("tokens kept (% of dense)")
+    ax.set_ylim(0, 102)
+    ax.grid(alpha=0.3)
+    top = ax.secondary_xaxis("top", functions=(lambda s: s * first, lambda t: t / first))
+    top.set_xlabel(f"threshold of {first_size} px patches")
+    ax.legend(fontsize=8, loc="lower left", title_fontsize=8,
+              title=f"{result['images']} images at {result['size']} px, {result['scorer']} scorer")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    base_map = {int(k): float(v) for k, v in json.loads(args.base).items()} if args.base else APT_SETTINGS[args.setting]
-    schedule = PatchSchedule.create(args.patch_size, base_map)
-    base = schedule.thresholds
-    scores = image_scores(args, schedule)
-    result: dict = {"base": schedule.threshold_map(), "images": len(scores), "size": args.size, "scorer": args.scorer}
-    if args.curve:
-        curve = []
-        for scale in (0.0, 0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0):
-            kept = kept_fraction(scores, tuple(b * scale for b in base))
-            curve.append({"scale": scale, "thresholds": {s: t * scale for s, t in schedule.threshold_map().items()}, "kept": kept})
-            print(f"scale {scale:5.2f}  thresholds {curve[-1]['thresholds']}  kept {kept:.1%}")
-        result["curve"] = curve
-    if args.target is not None:
-        scale, kept = calibrate(scores, base, args.target)
-        thresholds = {s: round(t * scale, 4) for s, t in schedule.threshold_map().items()}
-        result.update(target=args.target, scale=scale, thresholds=thresholds, kept=kept)
-        print(f"thresholds {thresholds} keep {kept:.1%} of tokens (target {args.target:.1%})")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    model = patching(args)
+    base_map, base = model.schedule.threshold_map(), model.schedule.thresholds
+    setting = "given" if args.base else f"the paper's {args.setting} setting"
+    scores, interrupted = image_scores(args, model)
+    if not scores:
+        return 130
+    result: dict = {"base": {str(k): v for k, v in base_map.items()}, "images": len(scores), "size": args.size,
+                    "scorer": args.scorer}
+    if interrupted:
+        result["interrupted"] = "while scoring: results cover the images scored before Ctrl-C"
+    try:
+        if args.target is not None:
+            scale = calibrate(scores, base, args.target)
+            thresholds = scaled(base_map, scale)
+            kept = kept_fraction(scores, tuple(thresholds.values()))
+            result.update(target=args.target, scale=scale, thresholds={str(k): v for k, v in thresholds.items()},
+                          kept=round(kept, 4))
+            print(f"scale {scale:g}: thresholds {thresholds} keep {kept:.1%} of tokens (target {args.target:.1%})")
+        if args.curve is not None:
+            result["curve"] = []
+            print(f"{'scale':>7}  {'kept':>6}  thresholds")
+            for s in curve_scales(result.get("scale")):
+                kept = kept_fraction(scores, tuple(b * s for b in base))
+                result["curve"].append({"scale": s, "thresholds": {str(k): v for k, v in scaled(base_map, s).items()},
+                                        "kept": round(kept, 4)})
+                marks = [m for m, hit in (("base: " + setting, s == 1.0), ("chosen", s == result.get("scale"))) if hit]
+                print(f"{s:>7g}  {kept:>6.1%}  {scaled(base_map, s)}" + (f"  <- {', '.join(marks)}" if marks else ""))
+    except KeyboardInterrupt:
+        interrupted = True
+        result["interrupted"] = "while calibrating: results stop at the last value computed"
+        print("interrupted: writing what was computed")
+    if result.get("curve") and plot_curve(args.curve, result, setting):
+        print(f"curve plotted to {args.curve}")
     if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(result, indent=1))
         print(f"wrote {args.output}")
-    return 0
+    return 130 if interrupted else 0
 
 
 if __name__ == "__main__":
