@@ -249,10 +249,11 @@ def write_outputs(stem: Path, env: dict, args, rows: list[dict]) -> None:
     ax.plot(kept, [rows[i]["ideal_speedup"] for i in order], "o--", color="tab:grey", label="ideal (FLOP ratio)")
     ax.plot(kept, [rows[i]["speedup"] for i in order], "s-", color="tab:blue", label="measured")
     paper = {str(k): round(v, 4) for k, v in APT_SETTINGS[args.setting].items()}
+    paper_text = ", ".join(f"{k} px: {v:g}" for k, v in paper.items())
     for r in rows:
         if r["thresholds"] == paper:
             ax.plot([100 * r["kept_mean"]], [r["speedup"]], "*", ms=16, color="tab:red",
-                    label=f"the paper's {args.setting} setting {r['thresholds']}".replace("'", ""))
+                    label=f"the paper's {args.setting} setting ({paper_text})")
     ax.axhline(1.0, color="black", lw=0.8)
     ax.set_xlabel("tokens kept (% of dense, mean over images)")
     ax.set_ylabel("speedup over dense (x)")

@@ -1,36 +1,68 @@
 #!/usr/bin/env python
-"""APT on real photos: tokens kept per image, dense-vs-APT backbone speed, and a patch-map picture.
+"""APT on real photos in about a minute: tokens kept per photo and a patch-map picture first,
+then the dense and the APT backbone timed side by side for as long as a time budget allows.
 
     python tools/demo.py                      # EVA-02-B detection backbone at 1024, paper thresholds
+    python tools/demo.py --budget 0           # time all five photos (about 3 minutes on 2 CPU cores)
     python tools/demo.py --size 512 --setting segmentation
+
+The models have random weights: patch selection does not depend on weights, and speed depends
+only on shapes. Timing runs each photo once per side (batch 1, alternating dense and APT) after
+a short warm-up, in an order that keeps the photos timed so far representative of all of them.
 """
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from apt_dense import APTViT
-from apt_dense.benchmarking import build_model_pair, time_side_by_side
+from apt_dense.benchmarking import (
+    backbone_flops, build_model_pair, non_negative_float, patching_model, positive_int, timed_call,
+)
 from apt_dense.presets import APT_SETTINGS, HOSTS, IMAGENET_PIXEL_MEAN, IMAGENET_PIXEL_STD
-from apt_dense.sample_images import SAMPLE_PHOTOS, letterbox, load_sample_photos, normalise
-from apt_dense.visualize import draw_patch_map, image_grid
+from apt_dense.sample_images import letterbox, load_sample_photos, normalise
+from apt_dense.visualize import patch_map, patch_map_sheet
+
+DEFAULT_OUTPUT = Path("outputs/demo_patch_map.png")
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="eva02_b_det", choices=sorted(HOSTS), help="host ViT architecture")
-    parser.add_argument("--size", type=int, default=1024, help="square canvas the photos are letterboxed to")
+    parser.add_argument("--size", type=positive_int, default=1024,
+                        help="square canvas the photos are letterboxed to, a multiple of the largest patch")
     parser.add_argument("--setting", default="detection", choices=sorted(APT_SETTINGS), help="paper thresholds")
-    parser.add_argument("--window", type=int, default=None, help="window size in cells (default: the host's)")
-    parser.add_argument("--depth", type=int, default=None, help="fewer blocks for a quicker run")
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs per side after one warm-up")
+    parser.add_argument("--window", type=positive_int, default=None, help="window size in cells (default: the host's)")
+    parser.add_argument("--depth", type=positive_int, default=None, help="fewer blocks for a quicker run")
+    parser.add_argument("--budget", type=non_negative_float, default=60.0,
+                        help="seconds for the whole demo (default 60): photos are timed until the next one would "
+                             "overrun it, at least one; 0 times every photo")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--output", type=Path, default=Path("outputs/demo_patch_map.png"))
-    return parser.parse_args(argv)
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
+                        help=f"patch-map picture (default: {DEFAULT_OUTPUT})")
+    args = parser.parse_args(argv)
+    try:
+        patching(args)
+    except ValueError as err:
+        parser.error(str(err))
+    return args
+
+
+def host_window(args) -> int:
+    """Window side in cells of the host's windowed blocks, 0 when it has none."""
+    host = HOSTS[args.host]
+    return (args.window or host.get("window_size", 0)) if host.get("window_block_indexes") else 0
+
+
+def patching(args) -> APTViT:
+    """A stand-in with the host's patching, on raw 0..255 pixels (layouts without the big model)."""
+    return patching_model(APT_SETTINGS[args.setting], img_size=args.size, patch_size=HOSTS[args.host]["patch_size"],
+                          window_size=host_window(args))
 
 
 def build_models(args) -> tuple[APTViT, APTViT]:
@@ -43,41 +75,126 @@ def build_models(args) -> tuple[APTViT, APTViT]:
     return apt.to(args.device), dense.to(args.device)
 
 
+def timing_order(kept: Sequence[float]) -> list[int]:
+    """Photo indices ordered so that every prefix keeps about the mean fraction of tokens of all
+    photos: timing only the first few then gives a representative speedup."""
+    target = sum(kept) / len(kept)
+    order: list[int] = []
+    left = list(range(len(kept)))
+    while left:
+        done = sum(kept[j] for j in order)
+        best = min(left, key=lambda i: abs((done + kept[i]) / (len(order) + 1) - target))
+        order.append(best)
+        left.remove(best)
+    return order
+
+
+def describe_host(args) -> str:
+    host = HOSTS[args.host]
+    depth = args.depth or host["depth"]
+    window = host_window(args)
+    parts = [f"{depth} blocks" + (" (reduced by --depth)" if args.depth else ""), f"dim {host['embed_dim']}"]
+    if window:
+        parts.append(f"window {window} cells")
+    return f"{args.host} ({', '.join(parts)})"
+
+
+def warmup_images(images: torch.Tensor, unit: int, device: torch.device) -> torch.Tensor:
+    """What the warm-up pass runs on: the first photo as is on CUDA, where kernels are chosen per
+    shape; on CPU, its top-left crop at about half the canvas, since the kernels need no tuning
+    and only thread pools and the allocator need a first call."""
+    if device.type == "cuda":
+        return images[:1]
+    side = max(unit, images.shape[-1] // 2 // unit * unit)
+    return images[:1, :, :side, :side]
+
+
 @torch.no_grad()
 def main(argv=None) -> int:
+    start = time.perf_counter()
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    device = torch.device(args.device)
     photos = load_sample_photos()
-    canvases = [letterbox(photo, args.size, IMAGENET_PIXEL_MEAN)[0] for photo in photos.values()]
-    raw = torch.stack(canvases)
-    images = normalise(raw, IMAGENET_PIXEL_MEAN, IMAGENET_PIXEL_STD).to(args.device)
+    names = list(photos)
+    raw = torch.stack([letterbox(photo, args.size, IMAGENET_PIXEL_MEAN)[0] for photo in photos.values()])
 
-    apt, dense = build_models(args)
-    out = apt(images)
-    layout = out.layout
+    # 1. Tokens kept and the patch map: patching needs no big model.
+    stand_in = patching(args)
+    layout = stand_in.build_layout(raw)
     cells = layout.grid_size[0] * layout.grid_size[1]
-    print(f"host {args.host} (random weights) at {args.size}x{args.size}, patch sizes "
-          f"{apt.schedule.patch_sizes}, thresholds {apt.schedule.threshold_map()} ({args.setting})")
-    print(f"{'image':<20}{'tokens':>8}{'dense':>8}{'kept':>8}")
-    for name, kept in zip(SAMPLE_PHOTOS, layout.tokens_per_image_host):
-        print(f"{name:<20}{kept:>8}{cells:>8}{kept / cells:>8.1%}")
-    mean_kept = sum(layout.kept_fraction) / len(layout.kept_fraction)
-    print(f"{'mean':<20}{'':>16}{mean_kept:>8.1%}")
-
-    seconds = time_side_by_side(
-        {"dense": lambda: dense(images), "apt": lambda: apt(images)}, torch.device(args.device), repeats=args.repeats
-    )
-    batch = images.shape[0]
-    print(f"backbone time per image on {args.device} ({torch.get_num_threads()} threads): "
-          f"dense {seconds['dense'] / batch:.3f} s, APT {seconds['apt'] / batch:.3f} s, "
-          f"speedup {seconds['dense'] / seconds['apt']:.2f}x")
-
-    pictures = [draw_patch_map(raw[i], layout, i, apt.patch_size) for i in range(batch)]
-    captions = [f"{n}: {k}/{cells} tokens" for n, k in zip(SAMPLE_PHOTOS, layout.tokens_per_image_host)]
+    kept = layout.kept_fraction
+    thresholds = stand_in.schedule.threshold_map()
+    print(f"{describe_host(args)} at {args.size}x{args.size}; patch sizes {stand_in.schedule.patch_sizes}, "
+          f"thresholds {thresholds} (the paper's {args.setting} setting)")
+    print(f"{'photo':<20}{'tokens':>8}{'dense':>8}{'kept':>8}")
+    for name, tokens, fraction in zip(names, layout.tokens_per_image_host, kept):
+        print(f"{name:<20}{tokens:>8}{cells:>8}{fraction:>8.1%}")
+    print(f"{'mean':<20}{'':>16}{sum(kept) / len(kept):>8.1%}")
+    maps = [patch_map(raw[i], layout, i, stand_in.schedule.patch_sizes, name) for i, name in enumerate(names)]
+    title = (f"APT patch sizes on scikit-image photos letterboxed to {args.size} px, thresholds {thresholds} "
+             f"(the paper's {args.setting} setting)")
+    sheet = patch_map_sheet(maps, columns=3, title=title,
+                            notes=["the canvas below or right of a photo is letterbox padding"])
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(pictures, columns=min(batch, 5), tile=320, captions=captions).save(args.output)
-    print(f"patch map written to {args.output}")
-    return 0
+    sheet.save(args.output)
+    print(f"patch map written to {args.output}\n")
+
+    # 2. Speed: the real host shapes, one photo at a time while the budget lasts.
+    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    budget = f"budget {args.budget:.0f} s for the whole demo" if args.budget else "no budget: every photo"
+    print(f"Speed, dense vs APT backbone: same random weights, batch 1, one run per side per photo, "
+          f"{device.type}{threads}; {budget}")
+    tick = time.perf_counter()
+    print("building both models ...", end=" ", flush=True)
+    apt, dense = build_models(args)
+    print(f"{time.perf_counter() - tick:.1f} s")
+    images = normalise(raw, IMAGENET_PIXEL_MEAN, IMAGENET_PIXEL_STD).to(device)
+    warm = warmup_images(images, apt.size_divisibility, device)
+    print(f"warm-up pass on {warm.shape[-2]}x{warm.shape[-1]} ...", end=" ", flush=True)
+    print(f"{timed_call(lambda: (dense(warm), apt(warm)), device):.1f} s")
+
+    print(f"{'photo':<20}{'kept':>8}{'dense s':>10}{'APT s':>8}{'speedup':>9}{'ideal':>8}")
+    order = timing_order(kept)
+    timed: list[int] = []
+    seconds = {"dense": 0.0, "apt": 0.0}
+    flops = {"dense": 0.0, "apt": 0.0}
+    interrupted = False
+    try:
+        for i in order:
+            per_photo = (seconds["dense"] + seconds["apt"]) / len(timed) if timed else 0.0
+            if timed and args.budget and time.perf_counter() - start + per_photo > args.budget:
+                break
+            x = images[i : i + 1]
+            print(f"{names[i]:<20}{kept[i]:>8.1%}", end="", flush=True)
+            dense_s = timed_call(lambda: dense(x), device)
+            print(f"{dense_s:>10.2f}", end="", flush=True)
+            apt_s = timed_call(lambda: apt(x), device)
+            # Ideal speedup: the ratio of block FLOPs for the tokens kept.
+            photo_flops = {side: backbone_flops(model, model.build_layout(x))
+                           for side, model in (("dense", dense), ("apt", apt))}
+            ideal = photo_flops["dense"] / photo_flops["apt"]
+            print(f"{apt_s:>8.2f}{dense_s / apt_s:>8.2f}x{ideal:>7.2f}x", flush=True)
+            seconds["dense"] += dense_s
+            seconds["apt"] += apt_s
+            for side in flops:
+                flops[side] += photo_flops[side]
+            timed.append(i)
+    except KeyboardInterrupt:
+        interrupted = True
+        print("\ninterrupted")
+    if not timed:
+        return 130
+    if len(timed) < len(names) and not interrupted:
+        print(f"timed {len(timed)} of {len(names)} photos to stay within the {args.budget:.0f} s budget; "
+              f"--budget 0 times all {len(names)}")
+    timed_kept = sum(kept[i] for i in timed) / len(timed)
+    n = len(timed)
+    which = f"all {n} photos" if n == len(names) else ("this photo" if n == 1 else f"these {n} photos")
+    print(f"on {which}: {timed_kept:.1%} of tokens kept, dense "
+          f"{seconds['dense'] / n:.2f} s/photo, APT {seconds['apt'] / n:.2f} s/photo, speedup "
+          f"{seconds['dense'] / seconds['apt']:.2f}x (ideal {flops['dense'] / flops['apt']:.2f}x)")
+    print(f"demo took {time.perf_counter() - start:.0f} s")
+    return 130 if interrupted else 0
 
 
 if __name__ == "__main__":
