@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from apt_dense.visualize import COARSE_COLORS, LINE_HEIGHT, TILE_GAP
+
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 sys.path.insert(0, str(TOOLS))
 
@@ -31,13 +33,50 @@ def messy_folder(tmp_path, photos):
     return folder
 
 
+def legend_colors(png: Path, rows: int) -> set[tuple[int, int, int]]:
+    """The coarse patch colours drawn as swatches in the bottom ``rows`` of a sheet."""
+    bottom = np.asarray(Image.open(png).convert("RGB"))[-rows:].reshape(-1, 3)
+    present = {tuple(int(v) for v in px) for px in np.unique(bottom, axis=0)}
+    return present & set(COARSE_COLORS)
+
+
+def sheet_width(columns: int, tile: int = 320) -> int:
+    return TILE_GAP + columns * (tile + TILE_GAP)
+
+
 @pytest.mark.slow
-def test_demo_writes_patch_map(tmp_path, capsys):
+def test_demo_writes_patch_map_first_and_times_every_photo(tmp_path, capsys):
     out = tmp_path / "map.png"
-    assert demo.main(["--size", "256", "--depth", "2", "--repeats", "1", "--output", str(out)]) == 0
+    assert demo.main(["--size", "256", "--depth", "2", "--budget", "0", "--output", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "astronaut" in printed and "speedup" in printed
-    assert Image.open(out).size[0] == 5 * 320
+    # The table and the picture come before any model is built or timed.
+    assert printed.index("patch map written") < printed.index("building both models")
+    assert "on all 5 photos" in printed and "speedup" in printed
+    for name in ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field"):
+        assert printed.count(name) == 2  # token table and timing table
+    width, height = Image.open(out).size
+    assert width == sheet_width(3) and height > 2 * 320
+    # Legend (up to two rows) at the bottom: a swatch for 32, 64 and 128 px patches.
+    assert legend_colors(out, 2 * LINE_HEIGHT + TILE_GAP) == set(COARSE_COLORS[:3])
+
+
+@pytest.mark.slow
+def test_demo_budget_times_fewer_photos_and_says_so(tmp_path, capsys):
+    args = ["--size", "256", "--depth", "1", "--budget", "0.001", "--output", str(tmp_path / "map.png")]
+    assert demo.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "timed 1 of 5 photos to stay within" in printed and "--budget 0 times all 5" in printed
+    assert "on this photo:" in printed
+
+
+def test_demo_timing_order_keeps_prefixes_representative():
+    kept = [0.92, 0.69, 0.69, 0.68, 0.88]
+    order = demo.timing_order(kept)
+    assert sorted(order) == list(range(5))
+    mean = sum(kept) / 5
+    assert order[0] == min(range(5), key=lambda i: abs(kept[i] - mean))
+    # Two photos timed keep about the mean, unlike the first two in file order.
+    assert abs(sum(kept[i] for i in order[:2]) / 2 - mean) < 0.5 * abs(sum(kept[:2]) / 2 - mean)
 
 
 def test_demo_rejects_unknown_host():
@@ -58,18 +97,16 @@ def test_benchmark_sweep_writes_json_table_and_plot(tmp_path):
     for row in record["rows"]:
         assert row["speedup"] > 0 and 0 <= row["layout_fraction"] and row["attention"] == {"global": "sdpa"}
     assert "| thresholds |" in (tmp_path / "run.md").read_text()
-    assert (tmp_path / "run.png").stat().st_size > 0
+    assert Image.open(tmp_path / "run.png").size == (720, 528)  # 6 x 4.4 in at 120 dpi
 
 
 @pytest.mark.slow
-def test_benchmark_explicit_thresholds_windows_and_folder(tmp_path, messy_folder):
+def test_benchmark_explicit_thresholds_windows_and_folder(tmp_path, messy_folder, caplog):
     args = ["--host", "vitdet_b", "--size", "256", "--window", "6", "--depth", "2", "--repeats", "1", "--warmup", "0",
             "--thresholds", '{"32": 4.0}', "--images", str(messy_folder), "--batch", "2", "--output-dir", str(tmp_path),
             "--tag", "win"]
-    with pytest.warns(UserWarning) as caught:
-        assert benchmark.main(args) == 0
-    messages = " ".join(str(w.message) for w in caught)
-    assert "broken.jpg" in messages and "gray.png" in messages and "rgba.png" in messages
+    assert benchmark.main(args) == 0
+    assert "broken.jpg" in caplog.text and "gray.png" in caplog.text and "rgba.png" in caplog.text
     rows = json.loads((tmp_path / "win.json").read_text())["rows"]
     assert rows[0]["thresholds"] == {"32": 4.0} and rows[0]["window"] == 6
 
@@ -92,13 +129,15 @@ def test_benchmark_argument_errors():
     assert benchmark.configurations(benchmark.parse_args(["--scales", "0", "2"])) == [{32: 0.0}, {32: 11.5}]
 
 
-def test_visualize_folder_with_bad_files(tmp_path, messy_folder, capsys):
+def test_visualize_folder_with_bad_files(tmp_path, messy_folder, capsys, caplog):
     out = tmp_path / "grid.png"
-    with pytest.warns(UserWarning, match="broken.jpg"):
-        assert visualize_patches.main(["--images", str(messy_folder), "--size", "256", "--output", str(out)]) == 0
+    assert visualize_patches.main(["--images", str(messy_folder), "--size", "256", "--output", str(out)]) == 0
+    assert "broken.jpg: skipped" in caplog.text
     rows = (tmp_path / "grid.csv").read_text().splitlines()
     assert rows[0] == "image,tokens,dense_tokens,kept_fraction" and len(rows) == 5
-    assert Image.open(out).size == (4 * 320, 320 + 18)
+    width, height = Image.open(out).size
+    assert width == sheet_width(4) and height > 320 + 2 * LINE_HEIGHT
+    assert legend_colors(out, 2 * LINE_HEIGHT + TILE_GAP) == set(COARSE_COLORS[:3])
     assert "mean kept" in capsys.readouterr().out
 
 
@@ -107,20 +146,85 @@ def test_visualize_rejects_empty_folder(tmp_path):
         visualize_patches.main(["--images", str(tmp_path)])
 
 
-def test_calibrate_hits_target_and_reports_curve(tmp_path, capsys):
-    out = tmp_path / "cal.json"
+def test_visualize_ctrl_c_writes_the_images_done(tmp_path, monkeypatch, capsys):
+    real_letterbox, calls = visualize_patches.letterbox, []
+
+    def interrupted_on_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_letterbox(*args, **kwargs)
+
+    monkeypatch.setattr(visualize_patches, "letterbox", interrupted_on_third)
+    out = tmp_path / "grid.png"
+    assert visualize_patches.main(["--size", "256", "--output", str(out)]) == 130
+    assert len((tmp_path / "grid.csv").read_text().splitlines()) == 1 + 2
+    assert Image.open(out).size[0] == sheet_width(2)
+
+
+def test_calibrate_hits_target_and_plots_curve(tmp_path, capsys):
+    out, png = tmp_path / "cal.json", tmp_path / "curve.png"
     assert calibrate_thresholds.main(["--size", "256", "--setting", "segmentation", "--target", "0.7", "--curve",
-                                      "--output", str(out)]) == 0
+                                      str(png), "--output", str(out)]) == 0
     result = json.loads(out.read_text())
     assert abs(result["kept"] - 0.7) < 0.05 and set(result["thresholds"]) == {"32"}
     kept = [point["kept"] for point in result["curve"]]
     assert kept[0] == 1.0 and all(a >= b for a, b in zip(kept, kept[1:]))  # more merging as thresholds grow
+    scales = [point["scale"] for point in result["curve"]]
+    assert 1.0 in scales and result["scale"] in scales and max(scales) >= 1.25 * result["scale"]
+    for number in [result["scale"], *result["thresholds"].values()] + [
+            v for point in result["curve"] for v in (point["scale"], point["kept"], *point["thresholds"].values())]:
+        assert number == round(number, 4)  # no 0.22499999999999998
+    printed = capsys.readouterr().out
+    assert "99999" not in printed and "00000" not in printed
+    assert "<- base: the paper's segmentation setting" in printed and "<- chosen" in printed
+    assert Image.open(png).size == (768, 528)  # 6.4 x 4.4 in at 120 dpi
+
+
+def test_calibrate_curve_reaches_a_far_target():
+    scales = calibrate_thresholds.curve_scales(9.37)
+    assert scales[0] == 0 and 1.0 in scales and 9.37 in scales and scales[-1] >= 1.25 * 9.37
+    assert len(scales) <= 19 and all(s == round(s, 4) for s in scales)
 
 
 @pytest.mark.parametrize("argv", [[], ["--target", "1.5"], ["--target", "0"]])
 def test_calibrate_argument_errors(argv):
     with pytest.raises(SystemExit):
         calibrate_thresholds.parse_args(argv)
+
+
+def test_calibrate_ctrl_c_while_scoring_calibrates_on_the_images_scored(tmp_path, monkeypatch, capsys):
+    real_letterbox, calls = calibrate_thresholds.letterbox, []
+
+    def interrupted_on_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_letterbox(*args, **kwargs)
+
+    monkeypatch.setattr(calibrate_thresholds, "letterbox", interrupted_on_third)
+    out = tmp_path / "cal.json"
+    assert calibrate_thresholds.main(["--size", "256", "--target", "0.8", "--output", str(out)]) == 130
+    result = json.loads(out.read_text())
+    assert result["images"] == 2 and "while scoring" in result["interrupted"] and "thresholds" in result
+    assert "going on with the 2 images scored so far" in capsys.readouterr().out
+
+
+def test_calibrate_ctrl_c_while_calibrating_keeps_the_curve_so_far(tmp_path, monkeypatch):
+    real_kept, calls = calibrate_thresholds.kept_fraction, []
+
+    def interrupted_on_fifth(*args):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real_kept(*args)
+
+    monkeypatch.setattr(calibrate_thresholds, "kept_fraction", interrupted_on_fifth)
+    out, png = tmp_path / "cal.json", tmp_path / "curve.png"
+    assert calibrate_thresholds.main(["--size", "256", "--curve", str(png), "--output", str(out)]) == 130
+    result = json.loads(out.read_text())
+    assert len(result["curve"]) == 4 and "while calibrating" in result["interrupted"]
+    assert png.exists()
 
 
 def test_fidelity_probe_per_layer(tmp_path):

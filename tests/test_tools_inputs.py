@@ -1,0 +1,202 @@
+"""Bad or unusual tool input: image files, command-line values, Ctrl-C; and the patch-map sheet."""
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from apt_dense.benchmarking import patching_model
+from apt_dense.presets import IMAGENET_PIXEL_MEAN
+from apt_dense.sample_images import iter_image_folder, letterbox, load_image_folder, read_image
+from apt_dense.visualize import COARSE_COLORS, FONT_SIZE, LINE_HEIGHT, TILE_GAP, patch_map, patch_map_sheet
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+
+import benchmark  # noqa: E402
+import calibrate_thresholds  # noqa: E402
+import demo  # noqa: E402
+import visualize_patches  # noqa: E402
+
+
+def warnings_per_file(caplog) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for record in caplog.records:
+        if record.levelno == logging.WARNING:
+            name = record.getMessage().split(":")[0]
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def test_high_bit_depth_images_are_scaled_not_clipped(tmp_path, caplog):
+    ramp16 = np.linspace(0, 65535, 64 * 64).round().astype(np.uint16).reshape(64, 64)
+    Image.fromarray(ramp16).save(tmp_path / "gray16.png")  # mode I;16
+    unit = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
+    Image.fromarray(unit).save(tmp_path / "unit.tif")  # mode F, 0..1
+    Image.fromarray(unit * 200).save(tmp_path / "bytes.tif")  # mode F, 0..255
+    Image.fromarray(unit * 1000 - 5).save(tmp_path / "depth.tif")  # mode F, neither
+    Image.fromarray(np.full((64, 64), np.nan, np.float32)).save(tmp_path / "nan.tif")
+    with caplog.at_level(logging.WARNING):
+        images = load_image_folder(tmp_path)
+    assert sorted(images) == ["bytes.tif", "gray16.png", "unit.tif"]
+    expected16 = np.round(ramp16 / 257).astype(np.uint8)
+    np.testing.assert_array_equal(images["gray16.png"][..., 0], expected16)
+    np.testing.assert_array_equal(images["unit.tif"][..., 1], np.round(unit * 255).astype(np.uint8))
+    np.testing.assert_array_equal(images["bytes.tif"][..., 2], np.round(unit * 200).astype(np.uint8))
+    assert images["gray16.png"].max() == 255 and images["gray16.png"].min() == 0
+    assert warnings_per_file(caplog) == {"gray16.png": 1, "unit.tif": 1, "bytes.tif": 1, "depth.tif": 1, "nan.tif": 1}
+    assert "16-bit image scaled" in caplog.text and "0..1 scaled by 255" in caplog.text
+    assert "depth.tif: skipped, float pixel values span [-5, 995]" in caplog.text
+
+
+def test_decompression_bombs_are_skipped_with_one_line(tmp_path, photos, monkeypatch, caplog):
+    Image.fromarray(photos[0][:40, :40]).save(tmp_path / "a_ok.png")  # 1600 px
+    Image.fromarray(photos[1][:60, :60]).save(tmp_path / "b_warned.png")  # 3600 px: PIL warns, would decode
+    Image.fromarray(photos[2][:80, :80]).save(tmp_path / "c_error.png")  # 6400 px: PIL raises
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PIL's own DecompressionBombWarning must not escape
+        with caplog.at_level(logging.WARNING):
+            images = load_image_folder(tmp_path)
+    assert list(images) == ["a_ok.png"]
+    assert warnings_per_file(caplog) == {"b_warned.png": 1, "c_error.png": 1}
+    assert all("\n" not in r.getMessage() and "MAX_IMAGE_PIXELS" in r.getMessage() for r in caplog.records)
+
+
+def test_converted_and_skipped_files_warn_once_each(tmp_path, photos, caplog):
+    Image.fromarray(photos[0][..., 0]).save(tmp_path / "gray.png")
+    Image.fromarray(np.dstack([photos[1], np.full(photos[1].shape[:2], 9, np.uint8)])).save(tmp_path / "rgba.png")
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    with caplog.at_level(logging.WARNING):
+        names = [name for name, _ in iter_image_folder(tmp_path)]
+    assert names == ["gray.png", "rgba.png"]
+    assert warnings_per_file(caplog) == {"broken.jpg": 1, "gray.png": 1, "rgba.png": 1}
+    assert read_image(tmp_path / "broken.jpg") is None
+
+
+def test_letterbox_takes_read_only_arrays_without_torch_warnings(tmp_path, photos):
+    Image.fromarray(photos[0]).save(tmp_path / "a.png")
+    with Image.open(tmp_path / "a.png") as image:
+        pixels = np.asarray(image)  # read-only, as PIL hands it out
+    assert not pixels.flags.writeable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        canvas, _ = letterbox(pixels, 256, IMAGENET_PIXEL_MEAN)
+    assert canvas.shape == (3, 256, 256)
+    with pytest.raises(ValueError, match="convert grayscale or RGBA"):
+        letterbox(pixels[..., 0], 256)
+
+
+def argument_error(parse, argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        parse(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--repeats", "0"], "--repeats: must be a positive integer, got 0"),
+    (["--batch", "-1"], "--batch: must be a positive integer, got -1"),
+    (["--size", "0"], "--size: must be a positive integer"),
+    (["--size", "100"], "size 100 px is not a multiple of the largest patch (32 px)"),
+    (["--size", "1000", "--setting", "detection"], "use 896 or 1024"),
+    (["--images", "0"], "--images: 0 is not a folder"),
+    (["--limit", "0"], "--limit: must be a positive integer"),
+    (["--warmup", "-1"], "--warmup: must be 0 or a positive integer"),
+    (["--scales", "1", "-0.5"], "--scales: must be a number >= 0"),
+    (["--thresholds", "{not json"], "is not JSON"),
+    (["--thresholds", '{"32": "high"}'], "is not a patch size in px with a numeric threshold"),
+    (["--thresholds", '{"32": 2}', "--thresholds", '{"48": 2}'], "configuration {48: 2.0}: thresholds must give"),
+    (["--host", "vitdet_b", "--size", "1024", "--setting", "detection"], "window_size 14 cells"),
+    (["--attention-backend", "fast"], "invalid choice: 'fast'"),
+])
+def test_benchmark_argument_errors_are_one_line(argv, message, capsys):
+    assert message in argument_error(benchmark.parse_args, argv, capsys)
+
+
+def test_benchmark_checks_every_configuration_before_measuring(tmp_path, monkeypatch, capsys):
+    def no_timing(*args, **kwargs):
+        raise AssertionError("measured before checking every configuration")
+
+    monkeypatch.setattr(benchmark, "time_side_by_side", no_timing)
+    argv = ["--size", "256", "--depth", "1", "--thresholds", '{"32": 2}', "--thresholds", '{"32": 1, "64": 1, "96": 1}',
+            "--output-dir", str(tmp_path)]
+    assert "configuration" in argument_error(benchmark.main, argv, capsys)
+    assert not list(tmp_path.iterdir())
+
+
+def test_benchmark_help_says_where_results_go(capsys):
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--help"])
+    assert "OUTPUT_DIR/TAG.json, .md and .png" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("tool, argv, message", [
+    (demo, ["--size", "1000"], "size 1000 px is not a multiple of the largest patch (128 px)"),
+    (demo, ["--budget", "-1"], "--budget: must be a number >= 0"),
+    (visualize_patches, ["--tile", "0"], "--tile: must be a positive integer"),
+    (visualize_patches, ["--thresholds", '{"64": 1}'], "one value for each patch size"),
+    (calibrate_thresholds, ["--target", "0.01"], "--target 0.01 is below what patch sizes"),
+    (calibrate_thresholds, ["--curve", "--limit", "0"], "--limit: must be a positive integer"),
+])
+def test_tool_argument_errors_are_one_line(tool, argv, message, capsys):
+    assert message in argument_error(tool.parse_args, argv, capsys)
+
+
+def test_folder_without_readable_images_is_an_error_before_measuring(tmp_path, capsys):
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(SystemExit, match="no readable images"):
+        benchmark.main(["--images", str(tmp_path), "--size", "256", "--depth", "1", "--output-dir", str(tmp_path)])
+
+
+def small_maps(photos, size=256, tile=160):
+    model = patching_model({32: 2.0, 64: 2.0, 128: 0.3}, img_size=size)
+    raw = torch.stack([letterbox(p, size, IMAGENET_PIXEL_MEAN)[0] for p in photos[:3]])
+    layout = model.build_layout(raw)
+    return raw, layout, [patch_map(raw[i], layout, i, model.schedule.patch_sizes, f"photo {i}", tile) for i in range(3)]
+
+
+def test_patch_map_colours_coarse_patches_and_keeps_the_photo(photos):
+    raw, layout, maps = small_maps(photos)
+    picture = np.asarray(maps[1].picture).astype(int)
+    assert picture.shape == (160, 160, 3)
+    assert maps[1].counts == dict(zip((16, 32, 64, 128), np.bincount(
+        layout.token_level[layout.token_image == 1].numpy(), minlength=4).tolist()))
+    assert maps[1].tokens == layout.tokens_per_image_host[1] and maps[1].dense_tokens == 256
+    # Coffee is 600x400: the canvas's bottom rows are padding, merged into coarse patches, drawn
+    # in a shade of their size's colour.
+    level = int(layout.cell_level[1, 15, 4])
+    chroma = picture[150, 40] - picture[150, 40].min()
+    similarity = [chroma @ (c - np.min(c)) / np.linalg.norm(c - np.min(c)) for c in np.array(COARSE_COLORS[:3])]
+    assert level > 0 and int(np.argmax(similarity)) == level - 1 and chroma.max() > 60
+    # Base patches show the photo itself (resized), without grid lines.
+    fine = layout.cell_level[1].repeat_interleave(10, 0).repeat_interleave(10, 1).numpy() == 0
+    pixels = raw[1].permute(1, 2, 0).round().byte().numpy()
+    photo = np.asarray(Image.fromarray(pixels).resize((160, 160), Image.LANCZOS)).astype(int)
+    assert fine.mean() > 0.5 and (np.abs(picture - photo)[fine] <= 1).all()
+
+
+def test_patch_map_sheet_size_and_legend(photos):
+    _, _, maps = small_maps(photos)
+    sheet = patch_map_sheet(maps, columns=3)
+    cell_h = 2 * LINE_HEIGHT + 2 + 160 + TILE_GAP
+    legend_top = TILE_GAP + cell_h
+    assert sheet.size == (TILE_GAP + 3 * (160 + TILE_GAP), legend_top + 2 * LINE_HEIGHT + TILE_GAP)  # legend wraps once
+    legend = np.asarray(sheet)[legend_top:]
+    found = {tuple(px) for px in np.unique(legend.reshape(-1, 3), axis=0).tolist()}
+    assert set(COARSE_COLORS[:3]) <= found and COARSE_COLORS[3] not in found
+    # Every map is pasted whole below its caption.
+    for i, m in enumerate(maps):
+        x, y = TILE_GAP + i * (160 + TILE_GAP), TILE_GAP + 2 * LINE_HEIGHT + 2
+        np.testing.assert_array_equal(np.asarray(sheet)[y : y + 160, x : x + 160], np.asarray(m.picture))
+    titled = patch_map_sheet(maps, columns=1, title="a long title " * 6, notes=["a note"])
+    assert titled.size[0] == TILE_GAP + 160 + TILE_GAP and titled.size[1] > 3 * cell_h + 3 * LINE_HEIGHT
+    assert FONT_SIZE < LINE_HEIGHT
+    with pytest.raises(ValueError, match="same size"):
+        raw, layout, _ = small_maps(photos)
+        patch_map_sheet([maps[0], patch_map(raw[0], layout, 0, (16, 32, 64, 128), size=100)], columns=2)
