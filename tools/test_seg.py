@@ -3,15 +3,18 @@
 
     python tools/test_seg.py configs/apt_upernet_eva02_l_512_ade20k.py CHECKPOINT
     python tools/test_seg.py configs/dense_upernet_eva02_b_512_ade20k.py CHECKPOINT   # dense baseline
+    python -m torch.distributed.run --nproc_per_node 8 tools/test_seg.py CONFIG CHECKPOINT --launcher pytorch
+
+Metrics, tokens kept included, are computed over the images of all processes.
 """
 import argparse
 import os
 import sys
 from pathlib import Path
 
-from mmengine.runner import Runner
+from mmengine.dist import is_main_process
 
-from apt_dense.mmseg import load_apt_checkpoint
+from apt_dense.mmseg import APTRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_seg import add_runner_args, load_config  # noqa: E402  (same handling as training)
@@ -30,11 +33,11 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     cfg = load_config(args)
-    cfg.load_from = None
-    runner = Runner.from_cfg(cfg)
-    load_apt_checkpoint(runner.model, args.checkpoint)
-    metrics = runner.test()
-    print(", ".join(f"{k}: {float(v):.4f}" for k, v in metrics.items()))
+    cfg.load_from = args.checkpoint
+    cfg.resume = False
+    metrics = APTRunner.from_cfg(cfg).test()
+    if is_main_process():
+        print(", ".join(f"{k}: {float(v):.4f}" for k, v in metrics.items()))
     return metrics
 
 

@@ -1,20 +1,23 @@
 #!/usr/bin/env python
 """Train an mmsegmentation 1.x model with an APT backbone (mmseg's tools/train.py interface).
 
-    python tools/train_seg.py configs/apt_upernet_eva02_l_512_ade20k.py --work-dir work_dirs/apt_l
+    python tools/train_seg.py configs/apt_upernet_eva02_l_512_ade20k.py --cfg-options load_from=eva02_L_upernet.pth
     python -m torch.distributed.run --nproc_per_node 8 tools/train_seg.py CONFIG --launcher pytorch
+    python tools/train_seg.py CONFIG --resume          # continue the run in the work dir
 
-``load_from`` (e.g. an EVA-02 UperNet checkpoint) goes through apt_dense's loader: shape
-mismatches raise, the APT layers are reported as the only expected missing keys.
+Runs on apt_dense's APTRunner: ``load_from`` is loaded after weight initialisation (shapes must
+match, the APT layers are the only expected missing keys), checkpoints are read as data, the
+APT-only fine-tune freezes before DistributedDataParallel, and a work dir that already holds a
+run is resumed (``--resume``) rather than overwritten. Without CUDA, ``--launcher pytorch`` runs
+on CPU processes with gloo.
 """
 import argparse
 import os
 import os.path as osp
 
 from mmengine.config import Config, DictAction
-from mmengine.runner import Runner
 
-from apt_dense.mmseg import load_apt_checkpoint
+from apt_dense.mmseg import APTRunner
 
 
 def add_runner_args(p: argparse.ArgumentParser) -> None:
@@ -24,6 +27,26 @@ def add_runner_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cfg-options", nargs="+", action=DictAction, help="key=value overrides")
     p.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none")
     p.add_argument("--local_rank", "--local-rank", type=int, default=0)
+    p.add_argument(
+        "--unsafe-load", action="store_true",
+        help="unpickle arbitrary Python objects in checkpoint files (only for files you trust)",
+    )
+
+
+def load_config(args) -> Config:
+    """The config with ``--data-root``, ``--cfg-options`` and ``--unsafe-load`` applied (shared with test_seg)."""
+    cfg = Config.fromfile(args.config)
+    cfg.launcher = args.launcher
+    if args.data_root:
+        for loader in ("train_dataloader", "val_dataloader", "test_dataloader"):
+            if cfg.get(loader):
+                cfg[loader].dataset.data_root = args.data_root
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
+    if args.unsafe_load:
+        cfg.allow_pickle_checkpoints = True
+    cfg.work_dir = args.work_dir or cfg.get("work_dir") or osp.join("./work_dirs", osp.splitext(osp.basename(args.config))[0])
+    return cfg
 
 
 def parse_args(argv=None):
@@ -37,38 +60,18 @@ def parse_args(argv=None):
     return args
 
 
-def load_config(args) -> Config:
-    """The config with ``--data-root`` and ``--cfg-options`` applied (shared with test_seg)."""
-    cfg = Config.fromfile(args.config)
-    cfg.launcher = args.launcher
-    if args.data_root:
-        for loader in ("train_dataloader", "val_dataloader", "test_dataloader"):
-            if cfg.get(loader):
-                cfg[loader].dataset.data_root = args.data_root
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
-    cfg.work_dir = args.work_dir or cfg.get("work_dir") or osp.join("./work_dirs", osp.splitext(osp.basename(args.config))[0])
-    return cfg
-
-
 def build_config(args) -> Config:
     cfg = load_config(args)
     if args.amp:
         cfg.optim_wrapper.type = "AmpOptimWrapper"
         cfg.optim_wrapper.loss_scale = "dynamic"
-    cfg.resume = args.resume
+    cfg.resume = bool(args.resume or cfg.get("resume", False))
     return cfg
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv)
-    cfg = build_config(args)
-    weights = None if cfg.resume else cfg.get("load_from")
-    cfg.load_from = None  # loaded below, strictly about shapes
-    runner = Runner.from_cfg(cfg)
-    if weights:
-        load_apt_checkpoint(runner.model, weights)
-    runner.train()
+    cfg = build_config(parse_args(argv))
+    APTRunner.from_cfg(cfg).train()
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """mmsegmentation 1.x plugin: load with ``custom_imports = dict(imports=["apt_dense.mmseg"])``.
 
-Registers the ``APTViT`` backbone (EVA-02 segmentation style), the
-``APTLayerDecayOptimizerConstructor`` and the ``APTTokenStatsHook``. Needs mmsegmentation 1.x with
-full mmcv (compiled ops); the core ``apt_dense`` package never imports them.
+Registers the ``APTViT`` backbone (EVA-02 segmentation style); importing it also registers
+:mod:`apt_dense.openmmlab`'s ``APTRunner``, ``APTLayerDecayOptimizerConstructor`` and
+``APTTokenStatsHook``. Needs mmsegmentation 1.x with full mmcv (compiled ops); the core
+``apt_dense`` package never imports them.
 """
 try:
     import mmcv.ops  # noqa: F401  (mmseg.utils needs mmcv's compiled ops)
@@ -13,13 +14,13 @@ except ImportError as err:  # pragma: no cover - exercised only without mmseg
         "run `bash tools/install_mmseg.sh`, which builds mmcv 2.1.0 from source once and caches the wheel"
     ) from err
 
+from ..openmmlab import APTLayerDecayOptimizerConstructor, APTRunner, APTTokenStatsHook
 from .backbone import APTViTSegBackbone
 from .checkpoint import convert_eva02_seg_checkpoint, load_apt_checkpoint
-from .hooks import APTTokenStatsHook
-from .optimizer import APTLayerDecayOptimizerConstructor
 
 __all__ = [
     "APTViTSegBackbone",
+    "APTRunner",
     "APTLayerDecayOptimizerConstructor",
     "APTTokenStatsHook",
     "convert_eva02_seg_checkpoint",

@@ -94,12 +94,10 @@ class APTViTSegBackbone(CoreAPTViT):
         self.fpn3 = nn.Identity()
         self.fpn4 = nn.MaxPool2d(kernel_size=2, stride=2)
         self.token_stats = TokenStats()
-        self.last_kept_fraction = float("nan")
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``(B, 3, H, W)`` normalised images -> four maps at strides 4, 8, 16, 32."""
         out = self.forward_padded(x)
         self.token_stats.update(out.layout)
-        self.last_kept_fraction = out.layout.mean_kept_fraction
         pyramid = (self.fpn1, self.fpn2, self.fpn3, self.fpn4)
         return tuple(op(f.contiguous()) for op, f in zip(pyramid, out.features))

@@ -5,6 +5,8 @@ _base_ = [
     "mmseg::_base_/schedules/schedule_80k.py",
 ]
 custom_imports = dict(imports=["apt_dense.mmseg"], allow_failed_imports=False)
+# Loads load_from after weight init, freezes before DDP, resumes safely, runs gloo on CPU.
+runner_type = "APTRunner"
 
 crop_size = (512, 512)
 norm_cfg = dict(type="SyncBN", requires_grad=True)

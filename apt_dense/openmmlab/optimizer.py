@@ -1,15 +1,16 @@
-"""Layer-wise learning-rate decay for the APT backbone (mmseg's own constructor only accepts
-BEiT / MAE / ConvNeXt)."""
+"""Layer-wise learning-rate decay for the APT backbone (mmseg's and mmdet's own constructors only
+know their own backbones)."""
 from __future__ import annotations
 
 import logging
 
 import torch.nn as nn
+from mmengine.dist import get_world_size
 from mmengine.optim import DefaultOptimWrapperConstructor
-from mmseg.registry import OPTIM_WRAPPER_CONSTRUCTORS
+from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS
 
 from ..checkpoints import is_apt_layer
-from ..param_groups import layer_decay_scale, vit_layer_id
+from ..param_groups import freeze_all_but_apt_layers, layer_decay_scale, vit_layer_id
 
 __all__ = ["APTLayerDecayOptimizerConstructor"]
 
@@ -31,10 +32,10 @@ class APTLayerDecayOptimizerConstructor(DefaultOptimWrapperConstructor):
         num_layers = self.paramwise_cfg["num_layers"]
         decay_rate = self.paramwise_cfg.get("layer_decay_rate", 1.0)
         apt_only = self.paramwise_cfg.get("apt_layers_only", False)
+        if apt_only:
+            self._freeze(module)
         groups: dict[str, dict] = {}
         for name, param in module.named_parameters():
-            if apt_only and not is_apt_layer(name):
-                param.requires_grad_(False)
             if not param.requires_grad:
                 continue
             no_decay = param.ndim == 1 or name.endswith(".bias") or name.endswith(("pos_embed", "cls_token"))
@@ -48,7 +49,19 @@ class APTLayerDecayOptimizerConstructor(DefaultOptimWrapperConstructor):
                 }
             groups[key]["params"].append(param)
             groups[key]["param_names"].append(name)
-        if apt_only and not groups:
-            raise ValueError("apt_layers_only: the model has no APT layers (patch sizes above the base size)")
         logger.info("layer-decay groups: %s", {k: (g["lr"], len(g["params"])) for k, g in sorted(groups.items())})
         params.extend(groups.values())
+
+    @staticmethod
+    def _freeze(module: nn.Module) -> None:
+        """Freeze for the APT-only fine-tune; under DistributedDataParallel that must already
+        have happened, before the model was wrapped (APTRunner does it)."""
+        unfrozen = [name for name, p in module.named_parameters() if p.requires_grad and not is_apt_layer(name)]
+        if unfrozen and get_world_size() > 1:
+            raise RuntimeError(
+                "apt_layers_only with several processes: the model must be frozen before "
+                "DistributedDataParallel wraps it, or DDP waits for gradients that never come. Set "
+                "runner_type = 'APTRunner' in the config (this project's configs do; "
+                "tools/train_seg.py uses it)"
+            )
+        freeze_all_but_apt_layers(module)

@@ -1,8 +1,10 @@
-"""Logging of tokens kept during training, validation and testing."""
+"""Tokens kept during training, validation and testing, aggregated over all ranks."""
 from __future__ import annotations
 
+import torch
+from mmengine.dist import all_reduce
 from mmengine.hooks import Hook
-from mmseg.registry import HOOKS
+from mmengine.registry import HOOKS
 
 from ..model import TokenStats
 
@@ -15,17 +17,30 @@ def _apt_backbone(runner):
     return backbone if hasattr(backbone, "token_stats") else None
 
 
+def _kept_fraction_over_ranks(stats: TokenStats) -> tuple[float, int]:
+    """``(tokens / cells, images)`` summed over every rank (a no-op in one process)."""
+    totals = torch.tensor([stats.images, stats.tokens, stats.cells], dtype=torch.float64)
+    all_reduce(totals, op="sum")
+    images, tokens, cells = totals.tolist()
+    return (tokens / cells if cells else float("nan")), int(images)
+
+
 @HOOKS.register_module()
 class APTTokenStatsHook(Hook):
     """Logs ``train/apt_kept_fraction`` every iteration and the mean fraction of tokens kept
-    over each validation / test run (``val/apt_kept_fraction``, also added to the metrics)."""
+    over each validation / test run (``val/apt_kept_fraction``, also added to the metrics),
+    both over the images of all ranks."""
 
     priority = "ABOVE_NORMAL"  # before the logger hook, so the metrics carry the fraction
+
+    def before_train_iter(self, runner, batch_idx, data_batch=None) -> None:
+        self._reset(runner)
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
         backbone = _apt_backbone(runner)
         if backbone is not None:
-            runner.message_hub.update_scalar("train/apt_kept_fraction", backbone.last_kept_fraction)
+            kept, _ = _kept_fraction_over_ranks(backbone.token_stats)
+            runner.message_hub.update_scalar("train/apt_kept_fraction", kept)
 
     def _reset(self, runner) -> None:
         backbone = _apt_backbone(runner)
@@ -36,14 +51,14 @@ class APTTokenStatsHook(Hook):
         backbone = _apt_backbone(runner)
         if backbone is None:
             return
-        stats = backbone.token_stats
+        kept, images = _kept_fraction_over_ranks(backbone.token_stats)
         runner.logger.info(
-            f"APT {mode}: mean fraction of tokens kept {stats.kept_fraction:.4f} over {stats.images} "
-            "backbone inputs (slide inference counts each crop)"
+            f"APT {mode}: mean fraction of tokens kept {kept:.4f} over {images} backbone inputs "
+            "(slide inference counts each crop)"
         )
-        runner.message_hub.update_scalar(f"{mode}/apt_kept_fraction", stats.kept_fraction)
+        runner.message_hub.update_scalar(f"{mode}/apt_kept_fraction", kept)
         if metrics is not None:
-            metrics["apt_kept_fraction"] = stats.kept_fraction
+            metrics["apt_kept_fraction"] = kept
 
     def before_val_epoch(self, runner) -> None:
         self._reset(runner)
