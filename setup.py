@@ -15,7 +15,7 @@ setup(
         # Sample photos for the demo and tests; pillow writes the patch-map picture.
         "demo": ["scikit-image", "pillow", "matplotlib"],
         "flash": ["flash-attn"],
-        # mmcv must be built with its ops: use tools/install_mmseg.sh (it caches the wheel).
+        # mmcv must be built with its ops: use tools/install_openmmlab.sh (it caches the wheel).
         "mmseg": ["mmsegmentation==1.2.2", "mmengine>=0.10,<1", "mmcv>=2.0.0rc4,<2.2.0", "ftfy", "regex", "setuptools<81"],
         "dev": ["pytest>=7", "hypothesis>=6", "scikit-image", "pillow", "matplotlib"],
     },

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import require_openmmlab
 
-pytest.importorskip("mmcv.ops", reason="mmsegmentation needs full mmcv with compiled ops: run `bash tools/install_mmseg.sh`")
-pytest.importorskip("mmseg", reason="mmsegmentation is not installed: run `bash tools/install_mmseg.sh`")
+require_openmmlab("mmcv._ext", "mmcv.ops", "mmseg")
 
 from mmengine.config import Config  # noqa: E402
 from mmengine.optim import build_optim_wrapper  # noqa: E402

@@ -123,7 +123,7 @@ def build_segmentor_pair(args, thresholds: dict, overrides: dict):
         from mmseg.registry import MODELS
         from mmseg.utils import register_all_modules
     except ImportError:
-        raise SystemExit("--level full needs mmsegmentation: bash tools/install_mmseg.sh") from None
+        raise SystemExit("--level full needs mmsegmentation: bash tools/install_openmmlab.sh") from None
     register_all_modules()
     cfg = Config.fromfile(str(ROOT / "configs" / SEG_CONFIGS[args.host]))
     bn = dict(type="BN", requires_grad=True)

@@ -11,7 +11,7 @@ try:
 except ImportError as err:  # pragma: no cover - exercised only without mmseg
     raise ImportError(
         "apt_dense.mmseg needs mmsegmentation 1.x with full mmcv (< 2.2, with compiled ops): "
-        "run `bash tools/install_mmseg.sh`, which builds mmcv 2.1.0 from source once and caches the wheel"
+        "run `bash tools/install_openmmlab.sh`, which builds mmcv 2.1.0 from source once and caches the wheel"
     ) from err
 
 from ..openmmlab import APTLayerDecayOptimizerConstructor, APTRunner, APTTokenStatsHook

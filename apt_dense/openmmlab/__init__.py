@@ -13,7 +13,7 @@ try:
     import mmengine  # noqa: F401
 except ImportError as err:  # pragma: no cover - exercised only without mmengine
     raise ImportError(
-        "apt_dense.openmmlab needs mmengine (installed with mmsegmentation by `bash tools/install_mmseg.sh`)"
+        "apt_dense.openmmlab needs mmengine (installed with mmsegmentation and mmdet by `bash tools/install_openmmlab.sh`)"
     ) from err
 
 from .hooks import APTTokenStatsHook

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Install mmsegmentation 1.2.2 with full mmcv 2.1.0 (compiled ops) into $PYTHON's environment.
+# Install mmsegmentation 1.2.2 and MMDetection 3.3.0 with full mmcv 2.1.0 (compiled ops) into
+# $PYTHON's environment.
 #
-# mmcv 2.1.0 (the last version mmseg 1.2.2 accepts) has no wheel for current torch: it is built
+# mmcv 2.1.0 (the last version mmseg 1.2.2 accepts; mmdet 3.3.0 accepts it too) has no wheel for current torch: it is built
 # from its source package once (about 10 minutes on 2 cores), by $PYTHON itself so that it
 # compiles against the torch that will import it, and the wheel is cached per Python and torch
 # version under $APT_DENSE_WHEEL_CACHE (default ~/.cache/apt-dense/wheels). A cached or
@@ -9,7 +10,8 @@
 set -euo pipefail
 PYTHON=${PYTHON:-python3}
 
-ops_ok() { "$PYTHON" -c "import mmcv._ext, mmcv.ops, mmseg, pkg_resources" >/dev/null 2>&1; }
+IMPORTS="import mmcv._ext, mmcv.ops, mmseg, mmdet, pkg_resources"
+ops_ok() { "$PYTHON" -c "$IMPORTS" >/dev/null 2>&1; }
 wheel_has_ops() {
     "$PYTHON" - "$1" <<'EOF'
 import sys, zipfile
@@ -22,7 +24,7 @@ if ops_ok; then
     exit 0
 fi
 if ! "$PYTHON" -c "import torch" 2>/dev/null; then
-    echo "install_mmseg.sh: torch is not importable by $PYTHON; install torch first (make install)" >&2
+    echo "install_openmmlab.sh: torch is not importable by $PYTHON; install torch first (make install)" >&2
     exit 1
 fi
 versions=$("$PYTHON" -c "import sys, torch; print(f'py{sys.version_info.major}{sys.version_info.minor}-torch-{torch.__version__}')")
@@ -33,7 +35,7 @@ mkdir -p "$cache"
 
 wheel=$(ls "$cache"/mmcv-2.1.0-*.whl 2>/dev/null | head -n 1 || true)
 if [ -n "$wheel" ] && ! wheel_has_ops "$wheel"; then
-    echo "install_mmseg.sh: cached $wheel has no compiled ops (mmcv/_ext); it was built without torch. Rebuilding." >&2
+    echo "install_openmmlab.sh: cached $wheel has no compiled ops (mmcv/_ext); it was built without torch. Rebuilding." >&2
     rm -f "$wheel"
     wheel=""
 fi
@@ -44,7 +46,7 @@ if [ -z "$wheel" ]; then
         --no-binary mmcv -w "$build_dir" mmcv==2.1.0
     wheel=$(ls "$build_dir"/mmcv-2.1.0-*.whl)
     if ! wheel_has_ops "$wheel"; then
-        echo "install_mmseg.sh: the mmcv build produced no compiled ops; see the compiler output above" >&2
+        echo "install_openmmlab.sh: the mmcv build produced no compiled ops; see the compiler output above" >&2
         exit 1
     fi
     mv "$wheel" "$cache/"
@@ -53,10 +55,10 @@ if [ -z "$wheel" ]; then
 fi
 # --force-reinstall replaces an ops-less mmcv 2.1.0 that may be installed already.
 "$PYTHON" -m pip install --quiet --force-reinstall --no-deps "$wheel"
-"$PYTHON" -m pip install --quiet "$wheel" "mmengine>=0.10,<1" "mmsegmentation==1.2.2" ftfy regex
+"$PYTHON" -m pip install --quiet "$wheel" "mmengine>=0.10,<1" "mmsegmentation==1.2.2" "mmdet==3.3.0" ftfy regex
 if ! ops_ok; then
-    echo "install_mmseg.sh: mmcv is installed but 'import mmcv._ext, mmcv.ops, mmseg' fails:" >&2
-    "$PYTHON" -c "import mmcv._ext, mmcv.ops, mmseg, pkg_resources" >&2 || true
+    echo "install_openmmlab.sh: mmcv is installed but '$IMPORTS' fails:" >&2
+    "$PYTHON" -c "$IMPORTS" >&2 || true
     exit 1
 fi
-echo "mmcv 2.1.0 with compiled ops, mmengine and mmsegmentation 1.2.2 installed for $PYTHON"
+echo "mmcv 2.1.0 with compiled ops, mmengine, mmsegmentation 1.2.2 and mmdet 3.3.0 installed for $PYTHON"
