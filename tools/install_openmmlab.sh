@@ -42,9 +42,18 @@ fi
 if [ -z "$wheel" ]; then
     echo "building mmcv 2.1.0 with its ops against ${versions} (about 10 minutes on 2 cores, once; cached in ${cache})"
     build_dir=$(mktemp -d)
-    MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS="${MAX_JOBS:-2}" "$PYTHON" -m pip wheel --no-deps --no-build-isolation \
-        --no-binary mmcv -w "$build_dir" mmcv==2.1.0
-    wheel=$(ls "$build_dir"/mmcv-2.1.0-*.whl)
+    build() {
+        rm -f "$build_dir"/mmcv-*.whl
+        MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS="${MAX_JOBS:-2}" "$PYTHON" -m pip wheel --no-deps --no-build-isolation \
+            --no-binary mmcv -w "$build_dir" "$@" mmcv==2.1.0
+        wheel=$(ls "$build_dir"/mmcv-2.1.0-*.whl)
+    }
+    build
+    if ! wheel_has_ops "$wheel"; then
+        # pip may have handed back a wheel it built and cached earlier without torch.
+        echo "install_openmmlab.sh: pip's cached mmcv build has no compiled ops; building without pip's cache" >&2
+        build --no-cache-dir
+    fi
     if ! wheel_has_ops "$wheel"; then
         echo "install_openmmlab.sh: the mmcv build produced no compiled ops; see the compiler output above" >&2
         exit 1
