@@ -10,12 +10,13 @@ window blocks see padding slots that are not tokens.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .schedule import select_levels
 
 __all__ = ["PackedSequences", "PatchLayout", "select_levels", "build_layout", "prepend_image_tokens"]
 
@@ -119,28 +120,6 @@ def patch_centers(top_left: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
     """``(N, 2)`` float32 centres of ``2^level``-cell patches given their ``(N, 2)`` top-left cells."""
     half_span = ((1 << level).float() - 1.0) / 2.0
     return top_left.float() + half_span.unsqueeze(1)
-
-
-def select_levels(scores: Sequence[torch.Tensor], thresholds: Sequence[float]) -> torch.Tensor:
-    """Quadtree patch selection.
-
-    Args:
-        scores: ``scores[k-1]`` is ``(B, Hc / 2^k, Wc / 2^k)`` for ``k = 1..K``.
-        thresholds: ``thresholds[k-1]`` for level ``k``.
-    Returns:
-        ``(B, Hc, Wc)`` int64 level of the patch covering each base cell: the coarsest ``k``
-        whose patch scores below its threshold (tested independently per level), else 0.
-    """
-    if len(scores) != len(thresholds):
-        raise ValueError(f"{len(scores)} score maps for {len(thresholds)} thresholds")
-    if not scores:
-        raise ValueError("select_levels needs at least one coarse level")
-    level = torch.zeros_like(scores[-1], dtype=torch.int64)
-    for k in range(len(scores), 0, -1):
-        used = (scores[k - 1] < thresholds[k - 1]) & (level == 0)
-        level = torch.where(used, k, level)
-        level = level.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)
-    return level
 
 
 @dataclass(frozen=True)

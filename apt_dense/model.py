@@ -1,13 +1,10 @@
 """``APTViT``: adaptive patches, packed blocks, dense feature maps."""
 from __future__ import annotations
 
-import math
-import numbers
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -17,10 +14,12 @@ from .attention import BACKENDS, resolve_backend
 from .blocks import AttentionContext, Block, EVA02Attention, Mlp, PackedContext, SwiGLU, ViTDetAttention
 from .dense_map import tokens_to_dense
 from .embedding import AdaptivePatchEmbed, abs_pos_grid, area_pooled_levels, gather_level_maps, layout_is_dense
-from .layout import PackedSequences, PatchLayout, build_layout, prepend_image_tokens, select_levels
+from .layout import PackedSequences, PatchLayout, build_layout, prepend_image_tokens
 from .positions import rope_tables
-from .schedule import PatchSchedule
-from .scoring import build_scorer, intensity_extremes, intensity_scale_problem, to_intensity
+from .schedule import PatchSchedule, select_levels, thresholds_from_sequence
+from .scoring import (
+    build_scorer, check_channel_order, intensity_extremes, intensity_scale_problem, pixel_statistics, to_intensity,
+)
 
 __all__ = ["APTViT", "APTOutput", "TokenStats", "InputScaleWarning", "BLOCK_TYPES"]
 
@@ -84,10 +83,12 @@ class APTViT(nn.Module):
         rope_pretrain_len: EVA-02's ``pt_hw_seq_len`` (16).
         adaptive: False turns adaptive patching off (every cell a base patch, no scoring).
         thresholds: ``{patch_size: threshold}`` for every coarse patch size, e.g.
-            ``{32: 2.0, 64: 2.0, 128: 0.3}``; or a sequence in ascending order with
-            ``patch_sizes``. None means base patches only. Keys may be digit strings (JSON/YAML
-            configs) and values numpy or 0-d torch scalars; they are converted to int/float.
-        patch_sizes: optional ``(p, 2p, 4p, ...)``.
+            ``{32: 2.0, 64: 2.0, 128: 0.3}``; None means base patches only. Keys may be digit
+            strings (JSON/YAML configs) and values numpy or 0-d torch scalars.
+        patch_sizes: ``(p, 2p, 4p, ...)`` when ``thresholds`` is the ascending sequence that
+            detectron2's yacs builder passes (converted with
+            :func:`~apt_dense.schedule.thresholds_from_sequence`; this argument goes once the
+            builder converts itself).
         scorer: ``"entropy"`` (default; raw 0..255, 512-bin histogram), ``"laplacian"``,
             ``"upsample_mse"`` or a callable ``(gray, p, K) -> list[Tensor]``.
         scorer_kwargs: options of a named scorer (e.g. ``{"bins": 256}`` for entropy).
@@ -166,7 +167,9 @@ class APTViT(nn.Module):
         if not out_indices or any(not 0 <= i < depth for i in out_indices):
             raise ValueError(f"out_indices {out_indices} must be non-empty block indices below {depth}")
 
-        self.schedule = PatchSchedule.create(patch_size, thresholds, patch_sizes)
+        if patch_sizes is not None:
+            thresholds = thresholds_from_sequence(thresholds, patch_sizes)
+        self.schedule = PatchSchedule.create(patch_size, thresholds)
         self.patch_size = patch_size
         self.in_chans = in_chans
         self.embed_dim = embed_dim
@@ -181,15 +184,12 @@ class APTViT(nn.Module):
         self.adaptive = adaptive
         self.attention_backend = attention_backend
         self.use_act_checkpoint = use_act_checkpoint
-        if (pixel_mean is None) != (pixel_std is None):
-            raise ValueError("give both pixel_mean and pixel_std (to undo normalisation for scoring), or neither")
+        mean, std = pixel_statistics(pixel_mean, pixel_std, in_chans)
         # Non-persistent buffers: they follow .to(device) and stay out of checkpoints.
-        self.register_buffer("pixel_mean", _per_channel("pixel_mean", pixel_mean, in_chans), False)
-        self.register_buffer("pixel_std", _per_channel("pixel_std", pixel_std, in_chans), False)
+        self.register_buffer("pixel_mean", mean, False)
+        self.register_buffer("pixel_std", std, False)
         self._input_scale_warned = False
-        if input_format not in ("RGB", "BGR"):
-            raise ValueError(f"input_format must be 'RGB' or 'BGR', got {input_format!r}")
-        self.input_format = input_format
+        self.input_format = check_channel_order(input_format, "input_format")
         self.scorer = build_scorer(scorer, **dict(scorer_kwargs or {}))
         if self.window_size and self.window_size % (1 << self.schedule.num_levels):
             largest = self.schedule.largest_patch_size
@@ -441,28 +441,3 @@ def _to_dtype(dtype: torch.dtype) -> str:
     """The tensor/module method call that converts to ``dtype``, e.g. ``.float()``."""
     names = {torch.float32: "float", torch.float16: "half", torch.bfloat16: "bfloat16", torch.float64: "double"}
     return f".{names[dtype]}()" if dtype in names else f".to({dtype})"
-
-
-def _per_channel(name: str, values: Sequence[float] | None, in_chans: int) -> torch.Tensor | None:
-    """``pixel_mean``/``pixel_std`` as a float32 ``(in_chans,)`` tensor, validated."""
-    if values is None:
-        return None
-    if isinstance(values, (torch.Tensor, np.ndarray)):
-        values = values.tolist()
-    if isinstance(values, numbers.Real):
-        raise TypeError(
-            f"{name} must give one value per input channel (0..255 scale), got the scalar {values!r}; "
-            f"for the same value on every channel pass ({values!r},) * {in_chans}"
-        )
-    if not isinstance(values, Sequence) or isinstance(values, str):
-        raise TypeError(f"{name} must be a sequence of {in_chans} numbers (0..255 scale), got {values!r}")
-    if len(values) != in_chans:
-        raise ValueError(f"{name} has {len(values)} values for {in_chans} input channels; give one per channel")
-    if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in values):
-        raise ValueError(f"{name} must be finite numbers (0..255 scale), got {values!r}")
-    if name == "pixel_std" and not all(v > 0 for v in values):
-        raise ValueError(
-            f"pixel_std must be positive (it divides the pixels, and scoring multiplies by it to undo "
-            f"normalisation), got {values!r}; use 1.0 for channels that are not scaled"
-        )
-    return torch.tensor([float(v) for v in values], dtype=torch.float32)

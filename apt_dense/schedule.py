@@ -1,9 +1,9 @@
-"""Patch-size schedule: which patch sizes exist and the score threshold of each coarse size.
+"""Stage 2a: the patch-size schedule and the quadtree rule that turns scores into levels.
 
-Thresholds are given in one explicit form, a mapping ``{patch_size: threshold}`` for every size
+Thresholds have one form, a mapping ``{patch_size: threshold}`` with an entry for every size
 coarser than the base patch, e.g. ``{32: 2.0, 64: 2.0, 128: 0.3}`` (the paper's detection
-setting). A sequence is also accepted and is read in *ascending* patch-size order:
-``thresholds[i]`` belongs to ``patch_sizes[i + 1]``.
+setting). Configs that keep the public APT code's ascending list convert it with
+:func:`thresholds_from_sequence` first.
 
 Configs often carry numbers in other types: JSON and YAML mapping keys are strings
 (``{"32": 2.0}``), and values may be numpy or 0-d torch scalars. Patch sizes that are integers in
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PatchSchedule"]
+__all__ = ["PatchSchedule", "select_levels", "thresholds_from_sequence"]
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,12 @@ class PatchSchedule:
     """Patch sizes ``base * 2**k`` for ``k = 0..num_levels`` and one threshold per ``k >= 1``.
 
     A level-``k`` patch is used where its score is strictly below ``thresholds[k - 1]`` and no
-    coarser used patch covers it.
+    coarser used patch covers it (:func:`select_levels`).
+
+    Attributes:
+        base_patch_size: the host ViT's patch size ``p`` in pixels.
+        thresholds: ``thresholds[k - 1]`` belongs to level ``k`` (patch side ``p * 2**k``);
+            built from the mapping by :meth:`create`.
     """
 
     base_patch_size: int
@@ -38,6 +43,37 @@ class PatchSchedule:
             raise ValueError(f"base patch size must be positive, got {self.base_patch_size}")
         values = tuple(_threshold_value(size, v) for size, v in zip(self.patch_sizes[1:], self.thresholds))
         object.__setattr__(self, "thresholds", values)  # frozen: normalise once, here
+
+    @classmethod
+    def create(cls, base_patch_size: int, thresholds: Mapping[int, float] | None) -> "PatchSchedule":
+        """Validate a ``{patch_size: threshold}`` mapping (None: base patches only)."""
+        if thresholds is None:
+            return cls(base_patch_size, ())
+        if not isinstance(thresholds, Mapping):
+            if isinstance(thresholds, Sequence) and not isinstance(thresholds, str):
+                raise ValueError(
+                    "thresholds must be a mapping {patch_size: threshold}; a sequence needs explicit "
+                    "patch_sizes (ascending): convert it with "
+                    "apt_dense.schedule.thresholds_from_sequence(thresholds, patch_sizes)"
+                )
+            raise TypeError(
+                f"thresholds must be a mapping {{patch_size: threshold}}, got {type(thresholds).__name__}"
+            )
+        by_size: dict[int, object] = {}
+        key_of: dict[int, object] = {}
+        for key, value in thresholds.items():
+            size = _patch_size_value(key, "thresholds key")
+            if size in by_size:
+                raise ValueError(f"thresholds give patch size {size} twice (keys {key_of[size]!r} and {key!r}); keep one")
+            by_size[size], key_of[size] = value, key
+        sizes = tuple(sorted(by_size))
+        expected = tuple(base_patch_size << k for k in range(1, len(sizes) + 1))
+        if sizes != expected:
+            raise ValueError(
+                f"thresholds must give one value for each patch size {expected} "
+                f"(powers of two times the base size {base_patch_size}, no gaps); got sizes {sizes}"
+            )
+        return cls(base_patch_size, tuple(by_size[s] for s in sizes))
 
     @property
     def num_levels(self) -> int:
@@ -53,76 +89,54 @@ class PatchSchedule:
         return self.base_patch_size << self.num_levels
 
     def threshold_map(self) -> dict[int, float]:
+        """The thresholds in their one public form, ``{patch_size: threshold}``."""
         return dict(zip(self.patch_sizes[1:], self.thresholds))
 
-    @classmethod
-    def create(
-        cls,
-        base_patch_size: int,
-        thresholds: Mapping[int, float] | Sequence[float] | None,
-        patch_sizes: Sequence[int] | None = None,
-    ) -> "PatchSchedule":
-        """Validate user input and build a schedule.
 
-        Args:
-            base_patch_size: the host ViT's patch size ``p``.
-            thresholds: ``{patch_size: threshold}`` for every size in ``patch_sizes[1:]``, or a
-                sequence in ascending patch-size order, or None for base patches only.
-            patch_sizes: optional explicit sizes ``(p, 2p, 4p, ...)``; derived from a mapping's
-                keys when omitted.
-        """
-        if patch_sizes is not None:
-            patch_sizes = tuple(_patch_size_value(s, "patch_sizes") for s in patch_sizes)
-            expected = tuple(base_patch_size << k for k in range(len(patch_sizes)))
-            if patch_sizes != expected:
-                raise ValueError(
-                    f"patch_sizes must be the base patch size times powers of two in ascending "
-                    f"order, i.e. {expected}; got {patch_sizes}"
-                )
-        if thresholds is None:
-            if patch_sizes is not None and len(patch_sizes) > 1:
-                raise ValueError(
-                    f"patch_sizes {patch_sizes} need thresholds for {patch_sizes[1:]}, got None"
-                )
-            return cls(base_patch_size, ())
-        if isinstance(thresholds, Mapping):
-            by_size: dict[int, object] = {}
-            key_of: dict[int, object] = {}
-            for key, value in thresholds.items():
-                size = _patch_size_value(key, "thresholds key")
-                if size in by_size:
-                    raise ValueError(
-                        f"thresholds give patch size {size} twice (keys {key_of[size]!r} and {key!r}); keep one"
-                    )
-                by_size[size], key_of[size] = value, key
-            sizes = sorted(by_size)
-            if patch_sizes is None:
-                patch_sizes = tuple(base_patch_size << k for k in range(len(sizes) + 1))
-            if tuple(sizes) != patch_sizes[1:]:
-                raise ValueError(
-                    f"thresholds must give one value for each patch size {patch_sizes[1:]} "
-                    f"(powers of two times the base size {base_patch_size}, no gaps); "
-                    f"got sizes {tuple(sizes)}"
-                )
-            values = tuple(by_size[s] for s in patch_sizes[1:])
-        elif isinstance(thresholds, Sequence) and not isinstance(thresholds, str):
-            values = tuple(thresholds)
-            if patch_sizes is None:
-                raise ValueError(
-                    "a threshold sequence needs explicit patch_sizes (ascending); or pass a "
-                    "mapping {patch_size: threshold}"
-                )
-            if len(values) != len(patch_sizes) - 1:
-                raise ValueError(
-                    f"got {len(values)} thresholds for patch sizes {patch_sizes}: need exactly "
-                    f"{len(patch_sizes) - 1}, one per size in {patch_sizes[1:]} in ascending order"
-                )
-        else:
-            raise TypeError(
-                f"thresholds must be a mapping {{patch_size: threshold}} or a sequence, got "
-                f"{type(thresholds).__name__}"
-            )
-        return cls(base_patch_size, values)
+def thresholds_from_sequence(thresholds: Sequence[float], patch_sizes: Sequence[int]) -> dict[int, object]:
+    """The mapping form of the public APT code's ascending list: ``thresholds[i]`` belongs to
+    ``patch_sizes[i + 1]``. ``patch_sizes`` is ``(p, 2p, 4p, ...)``; values are checked by
+    :meth:`PatchSchedule.create`."""
+    if isinstance(thresholds, (Mapping, str)) or not isinstance(thresholds, Sequence):
+        raise TypeError(
+            f"thresholds_from_sequence converts an ascending sequence, got {type(thresholds).__name__}; "
+            "a mapping {patch_size: threshold} needs no patch_sizes"
+        )
+    sizes = tuple(_patch_size_value(s, "patch_sizes") for s in patch_sizes)
+    expected = tuple(sizes[0] << k for k in range(len(sizes))) if sizes else ()
+    if not sizes or sizes != expected:
+        raise ValueError(
+            f"patch_sizes must be the base patch size times powers of two in ascending order, "
+            f"i.e. {expected}; got {sizes}"
+        )
+    if len(thresholds) != len(sizes) - 1:
+        raise ValueError(
+            f"got {len(thresholds)} thresholds for patch sizes {sizes}: need exactly "
+            f"{len(sizes) - 1}, one per size in {sizes[1:]} in ascending order"
+        )
+    return dict(zip(sizes[1:], thresholds))
+
+
+def select_levels(scores: Sequence[torch.Tensor], thresholds: Sequence[float]) -> torch.Tensor:
+    """Quadtree patch selection.
+
+    Args:
+        scores: ``scores[k-1]`` is ``(B, Hc / 2^k, Wc / 2^k)`` for ``k = 1..K``.
+        thresholds: ``thresholds[k-1]`` for level ``k`` (:attr:`PatchSchedule.thresholds`).
+    Returns:
+        ``(B, Hc, Wc)`` int64 level of the patch covering each base cell: the coarsest ``k``
+        whose patch scores below its threshold (tested independently per level), else 0.
+    """
+    if len(scores) != len(thresholds):
+        raise ValueError(f"{len(scores)} score maps for {len(thresholds)} thresholds")
+    if not scores:
+        raise ValueError("select_levels needs at least one coarse level")
+    level = torch.zeros_like(scores[-1], dtype=torch.int64)
+    for k in range(len(scores), 0, -1):
+        used = (scores[k - 1] < thresholds[k - 1]) & (level == 0)
+        level = torch.where(used, k, level)
+        level = level.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)
+    return level
 
 
 def _patch_size_value(value: object, what: str) -> int:

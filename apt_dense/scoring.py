@@ -6,13 +6,19 @@ per coarse level ``k = 1..K``: ``(B, H / (p 2^k), W / (p 2^k))``. Lower score = 
 """
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 __all__ = [
     "GRAY_WEIGHTS",
+    "CHANNEL_ORDERS",
+    "check_channel_order",
+    "pixel_statistics",
     "to_intensity",
     "intensity_extremes",
     "intensity_scale_problem",
@@ -24,6 +30,52 @@ __all__ = [
 
 # ITU-R 601 luma weights as used by the public APT code (not rounded to integers).
 GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)
+CHANNEL_ORDERS = ("RGB", "BGR")
+
+
+def check_channel_order(value: str, name: str = "channel_order") -> str:
+    """``value`` if it is ``"RGB"`` or ``"BGR"`` (the order the grayscale weights are applied in)."""
+    if value not in CHANNEL_ORDERS:
+        raise ValueError(f"{name} must be 'RGB' or 'BGR', got {value!r}")
+    return value
+
+
+def pixel_statistics(
+    pixel_mean: Sequence[float] | None, pixel_std: Sequence[float] | None, in_chans: int
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The input normalisation that scoring undoes, validated: two float32 ``(in_chans,)``
+    tensors on the 0..255 scale, or ``(None, None)`` for raw 0..255 inputs."""
+    _check_both_or_neither(pixel_mean, pixel_std)
+    return _per_channel("pixel_mean", pixel_mean, in_chans), _per_channel("pixel_std", pixel_std, in_chans)
+
+
+def _check_both_or_neither(pixel_mean: object, pixel_std: object) -> None:
+    if (pixel_mean is None) != (pixel_std is None):
+        raise ValueError("give both pixel_mean and pixel_std (to undo normalisation for scoring), or neither")
+
+
+def _per_channel(name: str, values: Sequence[float] | None, in_chans: int) -> torch.Tensor | None:
+    if values is None:
+        return None
+    if isinstance(values, (torch.Tensor, np.ndarray)):
+        values = values.tolist()
+    if isinstance(values, numbers.Real):
+        raise TypeError(
+            f"{name} must give one value per input channel (0..255 scale), got the scalar {values!r}; "
+            f"for the same value on every channel pass ({values!r},) * {in_chans}"
+        )
+    if not isinstance(values, Sequence) or isinstance(values, str):
+        raise TypeError(f"{name} must be a sequence of {in_chans} numbers (0..255 scale), got {values!r}")
+    if len(values) != in_chans:
+        raise ValueError(f"{name} has {len(values)} values for {in_chans} input channels; give one per channel")
+    if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+        raise ValueError(f"{name} must be finite numbers (0..255 scale), got {values!r}")
+    if name == "pixel_std" and not all(v > 0 for v in values):
+        raise ValueError(
+            f"pixel_std must be positive (it divides the pixels, and scoring multiplies by it to undo "
+            f"normalisation), got {values!r}; use 1.0 for channels that are not scaled"
+        )
+    return torch.tensor([float(v) for v in values], dtype=torch.float32)
 
 
 def to_intensity(
@@ -42,12 +94,10 @@ def to_intensity(
         ``(B, H, W)`` float32. Images with one channel are used as they are; three channels are
         combined with :data:`GRAY_WEIGHTS`.
     """
-    if channel_order not in ("RGB", "BGR"):
-        raise ValueError(f"channel_order must be 'RGB' or 'BGR', got {channel_order!r}")
+    check_channel_order(channel_order)
+    _check_both_or_neither(pixel_mean, pixel_std)
     x = images.float()
-    if pixel_mean is not None or pixel_std is not None:
-        if pixel_mean is None or pixel_std is None:
-            raise ValueError("give both pixel_mean and pixel_std to undo normalisation, or neither")
+    if pixel_mean is not None:
         # Pass tensors already on the images' device to avoid a host-to-device copy per call.
         mean = torch.as_tensor(pixel_mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
         std = torch.as_tensor(pixel_std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from apt_dense import APTViT, PatchSchedule
+from apt_dense import APTViT, PatchSchedule, thresholds_from_sequence
 from apt_dense.model import InputScaleWarning
 from apt_dense.presets import IMAGENET_PIXEL_MEAN, IMAGENET_PIXEL_STD
 from apt_dense.scoring import intensity_extremes, intensity_scale_problem
@@ -33,7 +33,9 @@ def tiny(**kw):
     ],
 )
 def test_thresholds_in_disguise_are_converted(thresholds, patch_sizes):
-    schedule = PatchSchedule.create(16, thresholds, patch_sizes)
+    if patch_sizes is not None:
+        thresholds = thresholds_from_sequence(thresholds, patch_sizes)
+    schedule = PatchSchedule.create(16, thresholds)
     assert schedule == PatchSchedule.create(16, {32: 2.0, 64: 0.5})
     assert all(type(v) is float for v in schedule.thresholds)
     assert schedule.threshold_map() == {32: 2.0, 64: 0.5}

@@ -4,7 +4,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 
-from apt_dense import APTViT, PatchSchedule, build_layout, select_levels
+from apt_dense import APTViT, PatchSchedule, build_layout, select_levels, thresholds_from_sequence
 from conftest import photo_batch
 
 
@@ -124,10 +124,10 @@ def test_dense_layout_needs_no_scores():
 def test_schedule_forms_and_errors():
     s = PatchSchedule.create(16, {128: 0.3, 32: 2, 64: 2})
     assert s.patch_sizes == (16, 32, 64, 128) and s.thresholds == (2.0, 2.0, 0.3)
-    assert PatchSchedule.create(16, [2, 2, 0.3], patch_sizes=(16, 32, 64, 128)) == s
+    assert PatchSchedule.create(16, thresholds_from_sequence([2, 2, 0.3], (16, 32, 64, 128))) == s
     assert s.threshold_map() == {32: 2.0, 64: 2.0, 128: 0.3}
     with pytest.raises(ValueError, match="exactly 3"):
-        PatchSchedule.create(16, [2, 2], patch_sizes=(16, 32, 64, 128))
+        thresholds_from_sequence([2, 2], (16, 32, 64, 128))
     with pytest.raises(ValueError, match="finite"):
         PatchSchedule.create(16, {32: float("nan")})
     with pytest.raises(ValueError, match="finite"):
@@ -135,7 +135,7 @@ def test_schedule_forms_and_errors():
     with pytest.raises(ValueError, match="no gaps"):
         PatchSchedule.create(16, {32: 1.0, 128: 1.0})
     with pytest.raises(ValueError, match="powers of two"):
-        PatchSchedule.create(16, [1.0], patch_sizes=(16, 48))
+        thresholds_from_sequence([1.0], (16, 48))
     with pytest.raises(ValueError, match="explicit patch_sizes"):
         PatchSchedule.create(16, [1.0])
     with pytest.raises(TypeError, match="mapping"):
