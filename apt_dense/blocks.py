@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import packed_attention
-from .layout import PackedSequences
+from .layout import ImagePrefix, PackedSequences
 from .positions import apply_rope, decomposed_rel_pos_bias
 
 __all__ = [
@@ -40,7 +40,8 @@ class AttentionContext:
     Attributes:
         seqs: the sequences and slot positions.
         rope: ``(cos, sin)`` ``(T, head_dim)`` float32 tables, or None.
-        backend: attention backend name (see :mod:`apt_dense.attention`).
+        backend: the attention backend resolved for this pass (``flash_attn``, ``torch_varlen``
+            or ``sdpa``; see :func:`apt_dense.attention.resolve_backend`).
     """
 
     seqs: PackedSequences
@@ -50,12 +51,28 @@ class AttentionContext:
 
 @dataclass
 class PackedContext:
-    """Per-forward state shared by all blocks: token-to-image map and both attention kinds."""
+    """Per-forward state shared by all blocks, built once per forward pass.
 
-    token_image: torch.Tensor
+    The blocks run on the residual stream's ``R`` rows: the layout's ``N`` tokens, or with a cls
+    token ``N + B`` slots (``prefix``).
+
+    Attributes:
+        slot_image: ``(R,)`` int64 image of every row (stochastic depth drops whole images).
+        batch_size: ``B``.
+        image: global blocks' sequences (one per image).
+        window: window blocks' sequences (one per window), None without window blocks.
+        prefix: where the cls tokens sit, None without them.
+    """
+
+    slot_image: torch.Tensor
     batch_size: int
     image: AttentionContext
     window: AttentionContext | None
+    prefix: ImagePrefix | None = None
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """``(R, C)`` stream -> ``(N, C)`` in the layout's token order."""
+        return x if self.prefix is None else self.prefix.tokens(x)
 
 
 class DropPath(nn.Module):
@@ -70,7 +87,7 @@ class DropPath(nn.Module):
             return x
         keep = 1.0 - self.drop_prob
         scale = x.new_empty(ctx.batch_size).bernoulli_(keep).div_(keep)
-        return x * scale[ctx.token_image].unsqueeze(1)
+        return x * scale[ctx.slot_image].unsqueeze(1)
 
     def extra_repr(self) -> str:
         return f"drop_prob={self.drop_prob}"
@@ -138,7 +155,6 @@ class ViTDetAttention(nn.Module):
         out = packed_attention(q, k, v, ctx.seqs, ctx.backend, bias_fn)
         return self.proj(out.reshape(t, c))
 
-
     def _rel_pos_bias_fn(self, seqs: PackedSequences):
         """``(slot_index (n, L), q (n, H, L, D)) -> (n, H, L, L)`` relative-position bias."""
         positions = torch.cat([seqs.positions, seqs.positions.new_zeros(1, 2)])  # row T: padding
@@ -203,15 +219,8 @@ class Block(nn.Module):
         self.use_window = use_window
 
     def forward(self, x: torch.Tensor, ctx: PackedContext) -> torch.Tensor:
-        """``(N, C) -> (N, C)``."""
+        """``(R, C) -> (R, C)``."""
         actx = ctx.window if self.use_window else ctx.image
-        h = self.norm1(x)
-        seqs = actx.seqs
-        if seqs.gather is not None:
-            # Padded windows: padding cells enter attention as zero vectors, as in ViTDet.
-            h = torch.cat([h, h.new_zeros(1, h.shape[1])])[seqs.gather]
-        h = self.attn(h, actx)
-        if seqs.scatter is not None:
-            h = h[seqs.scatter]
-        x = x + self.drop_path(h, ctx)
+        h = self.attn(actx.seqs.to_slots(self.norm1(x)), actx)
+        x = x + self.drop_path(actx.seqs.from_slots(h), ctx)
         return x + self.drop_path(self.mlp(self.norm2(x)), ctx)

@@ -8,6 +8,9 @@ with ``E`` the host's own patch embedding (``proj``, conv ``p x p`` stride ``p``
 averaging for the resize, ``Down`` a learned 2x2 stride-2 conv applied ``k`` times, and
 ``detail`` a zero-initialised linear layer: at initialisation a large patch's token is its
 resize-only embedding, so a pretrained ViT starts out unharmed.
+
+Absolute position embeddings follow the same rule: a large patch takes the area mean of the
+embeddings of the cells it covers (:func:`position_embeddings`).
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import torch.nn.functional as F
 
 from .layout import PatchLayout
 
-__all__ = ["AdaptivePatchEmbed", "abs_pos_grid", "gather_level_maps"]
+__all__ = ["AdaptivePatchEmbed", "position_embeddings", "abs_pos_grid", "gather_level_maps"]
 
 
 def gather_level_maps(maps: list[torch.Tensor], layout: PatchLayout) -> torch.Tensor:
@@ -70,6 +73,13 @@ def area_pooled_levels(grid: torch.Tensor, num_levels: int) -> list[torch.Tensor
     return maps
 
 
+def position_embeddings(pos_embed: torch.Tensor, layout: PatchLayout, has_cls_entry: bool) -> torch.Tensor:
+    """``(N, C)`` absolute position embedding of every token: the pretrained ``(1, [1 +] S*S, C)``
+    grid resized to the cell grid, then area-averaged over each token's patch."""
+    grid = abs_pos_grid(pos_embed, has_cls_entry, layout.grid_size)
+    return gather_level_maps(area_pooled_levels(grid, 0 if layout.is_dense else layout.num_levels), layout)
+
+
 class AdaptivePatchEmbed(nn.Module):
     """Patch embedding for patches of ``p * 2^k`` pixels, ``k = 0..num_levels``.
 
@@ -78,6 +88,8 @@ class AdaptivePatchEmbed(nn.Module):
     """
 
     def __init__(self, patch_size: int, in_chans: int, embed_dim: int, num_levels: int):
+        """``num_levels``: coarse levels ``K``; the APT layers exist whenever ``K > 0``, also with
+        adaptive patching off, so one checkpoint serves both."""
         super().__init__()
         self.patch_size = patch_size
         self.num_levels = num_levels
@@ -105,17 +117,32 @@ class AdaptivePatchEmbed(nn.Module):
             maps.append(resized + self.detail(sub.permute(0, 2, 3, 1)))
         return maps
 
-    def forward(self, images: torch.Tensor, layout: PatchLayout, use_levels: bool = True) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, layout: PatchLayout) -> torch.Tensor:
         """``(B, C_in, H, W) -> (N, C)`` tokens in layout order.
 
-        ``use_levels=False`` embeds base patches only (valid when every token is a base patch).
+        Coarse levels are embedded when the layout may hold them; in training also when nothing
+        merged, so distributed data parallel sees the APT layers used in every step.
         """
-        if use_levels and self.num_levels > 0:
+        if self.num_levels > 0 and layout.num_levels > 0 and (self.training or not layout.is_dense):
             return gather_level_maps(self.level_maps(images), layout)
         return gather_level_maps([self.proj(images).permute(0, 2, 3, 1)], layout)
 
+    def check_dtype(self, images: torch.Tensor) -> None:
+        """Images and weights share a float dtype, or autocast casts both (it never casts float64)."""
+        weight = self.proj.weight
+        if images.dtype == weight.dtype:
+            return
+        device_type = images.device.type
+        autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+        if autocast and torch.float64 not in (images.dtype, weight.dtype):
+            return
+        fix = f"convert the images (images{_to_dtype(weight.dtype)}) or the model (model{_to_dtype(images.dtype)})"
+        if torch.float64 not in (images.dtype, weight.dtype):
+            fix += ", or run mixed precision under torch.autocast"
+        raise TypeError(f"images are {images.dtype} but the model's weights are {weight.dtype}: {fix}")
 
-def layout_is_dense(layout: PatchLayout) -> bool:
-    """Every image keeps all its cells as base tokens (known on the host, no sync)."""
-    cells = layout.grid_size[0] * layout.grid_size[1]
-    return all(n == cells for n in layout.tokens_per_image_host)
+
+def _to_dtype(dtype: torch.dtype) -> str:
+    """The tensor/module method call that converts to ``dtype``, e.g. ``.float()``."""
+    names = {torch.float32: "float", torch.float16: "half", torch.bfloat16: "bfloat16", torch.float64: "double"}
+    return f".{names[dtype]}()" if dtype in names else f".to({dtype})"

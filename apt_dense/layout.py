@@ -1,4 +1,4 @@
-"""Stage 2: from per-level scores to a packed token layout.
+"""Stage 2b: from per-cell levels to a packed token layout.
 
 Tokens of a batch are ordered image-major, then window-major (windows in raster order, cells of
 a window in raster order, a patch placed at its top-left cell). The same order serves global
@@ -6,10 +6,19 @@ blocks (one sequence per image) and window blocks (one sequence per window), onl
 boundaries differ. Windows follow ViTDet: the cell grid is zero-padded on the bottom/right to a
 multiple of the window; the padded cells take part in window attention as zero vectors, so
 window blocks see padding slots that are not tokens.
+
+Packing is split by the forward pass's one host sync:
+
+1. :meth:`PendingLayout.from_levels` (device): the cell where each patch starts, its *anchor*,
+   in window-major order, counted per sequence;
+2. the counts come to the host (:class:`~apt_dense.planner.TokenPlanner` sends its pixel checks
+   in the same transfer);
+3. :meth:`PendingLayout.pack`: token order, cell-to-token map, image and window sequences.
 """
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,26 +27,26 @@ import torch.nn.functional as F
 
 from .schedule import select_levels
 
-__all__ = ["PackedSequences", "PatchLayout", "select_levels", "build_layout", "prepend_image_tokens"]
+__all__ = ["PackedSequences", "PatchLayout", "ImagePrefix", "PendingLayout", "build_layout", "select_levels"]
 
 
 @dataclass(eq=False)
 class PackedSequences:
     """Sequences that attention runs over, each a contiguous run of *slots*.
 
-    Slots are tokens, or tokens plus zero padding slots for padded windows (then ``gather`` and
-    ``scatter`` translate between the two).
+    Slots are the rows of the residual stream, plus zero padding slots in padded windows
+    (:meth:`to_slots` and :meth:`from_slots` translate; ``gather``/``scatter`` are None when
+    slots are exactly the rows).
 
     Attributes:
         cu_seqlens: ``(S + 1,)`` int32 sequence boundaries in slot order, leading 0.
         lengths: ``(S,)`` host int64 array of sequence lengths.
-        max_len: longest sequence.
+        max_len: longest sequence (a Python int, as the varlen kernels need).
         positions: ``(T, 2)`` float32 centre (row, col) of every slot in base cells, relative to
             the sequence's frame (its window, or its image).
         frame_size: ``(rows, cols)`` of the frame in cells (window size, or the image grid).
-        gather: ``(T,)`` token index of every slot, ``num_tokens`` for a padding slot; None when
-            slots are exactly the tokens.
-        scatter: ``(N,)`` slot of every token; None when slots are exactly the tokens.
+        gather: ``(T,)`` row of every slot, ``R`` (the number of rows) for a padding slot.
+        scatter: ``(R,)`` slot of every row.
         prefix: ``(T,)`` bool marking per-image prefix slots (a cls token), or None.
     """
 
@@ -64,31 +73,44 @@ class PackedSequences:
         """All sequences have the same length (a dense layout): attention needs no masking."""
         return bool((self.lengths == self.max_len).all())
 
+    def to_slots(self, x: torch.Tensor) -> torch.Tensor:
+        """``(R, C)`` rows -> ``(T, C)`` slots; padding slots are zero vectors, as in ViTDet."""
+        if self.gather is None:
+            return x
+        return torch.cat([x, x.new_zeros(1, x.shape[1])])[self.gather]
+
+    def from_slots(self, x: torch.Tensor) -> torch.Tensor:
+        """``(T, C)`` slots -> ``(R, C)`` rows (padding slots dropped)."""
+        return x if self.scatter is None else x[self.scatter]
+
 
 @dataclass(eq=False)
 class PatchLayout:
     """Where every token of a batch sits. ``N`` tokens, ``B`` images, ``(Hc, Wc)`` base cells.
 
     Attributes:
+        grid_size: ``(Hc, Wc)``.
+        window_size: window side in cells, 0 without window attention.
+        num_levels: the coarsest level the planner could choose (0: every token is a base patch).
         cell_level: ``(B, Hc, Wc)`` int64 level ``k`` of the patch covering each cell.
         token_image: ``(N,)`` int64 image of each token.
         token_cell: ``(N, 2)`` int64 top-left cell (row, col) of each token's patch.
         token_level: ``(N,)`` int64 level of each token (patch side = ``2**level`` cells).
         cell_to_token: ``(B, Hc, Wc)`` int64 token covering each cell (back to a dense grid).
-        tokens_per_image: ``(B,)`` int64 on the device; ``tokens_per_image_host`` the same on host.
+        tokens_per_image: ``(B,)`` int64 on the device (``images.lengths`` on the host).
         images: one sequence per image (global attention).
         windows: one sequence per window (window attention), None without windows.
     """
 
     grid_size: tuple[int, int]
     window_size: int
+    num_levels: int
     cell_level: torch.Tensor
     token_image: torch.Tensor
     token_cell: torch.Tensor
     token_level: torch.Tensor
     cell_to_token: torch.Tensor
     tokens_per_image: torch.Tensor
-    tokens_per_image_host: tuple[int, ...]
     images: PackedSequences
     windows: PackedSequences | None
 
@@ -101,6 +123,15 @@ class PatchLayout:
         return int(self.token_image.shape[0])
 
     @property
+    def tokens_per_image_host(self) -> tuple[int, ...]:
+        return tuple(int(n) for n in self.images.lengths)
+
+    @property
+    def is_dense(self) -> bool:
+        """Every image keeps all its cells as base tokens (known on the host, no sync)."""
+        return self.num_tokens == self.batch_size * self.grid_size[0] * self.grid_size[1]
+
+    @property
     def kept_fraction(self) -> list[float]:
         """Tokens kept per image as a fraction of the dense token count."""
         cells = self.grid_size[0] * self.grid_size[1]
@@ -111,9 +142,58 @@ class PatchLayout:
         """Tokens kept as a fraction of the dense count, averaged over the batch's images."""
         return sum(self.kept_fraction) / self.batch_size
 
-    def token_centers(self) -> torch.Tensor:
-        """``(N, 2)`` float32 centre (row, col) of each token in base cells (image frame)."""
-        return patch_centers(self.token_cell, self.token_level)
+
+@dataclass(eq=False)
+class ImagePrefix:
+    """One prefix slot (a cls token) before each image's tokens: the residual stream's rows are
+    ``[prefix_0, tokens of image 0, prefix_1, tokens of image 1, ...]`` (``N + B`` slots).
+
+    Attributes:
+        images: the image sequences over those slots; prefix slots sit at position (0, 0) and are
+            marked in ``images.prefix``.
+        token_slot: ``(N,)`` int64 slot of every token.
+        slot_image: ``(N + B,)`` int64 image of every slot.
+        source_row: ``(N + B,)`` int64 row of every slot in ``cat([tokens, prefixes])``.
+    """
+
+    images: PackedSequences
+    token_slot: torch.Tensor
+    slot_image: torch.Tensor
+    source_row: torch.Tensor
+
+    @classmethod
+    def build(cls, layout: PatchLayout) -> "ImagePrefix":
+        seqs = layout.images
+        b, n = layout.batch_size, layout.num_tokens
+        device = seqs.positions.device
+        token_slot = torch.arange(n, device=device) + layout.token_image + 1
+        prefix_slot = seqs.cu_seqlens[:-1].long() + torch.arange(b, device=device)
+        positions = seqs.positions.new_zeros(n + b, 2)
+        positions[token_slot] = seqs.positions
+        prefix = torch.zeros(n + b, dtype=torch.bool, device=device)
+        prefix[prefix_slot] = True
+        images = PackedSequences(
+            cu_seqlens=seqs.cu_seqlens + torch.arange(b + 1, dtype=torch.int32, device=device),
+            lengths=seqs.lengths + 1,
+            max_len=seqs.max_len + 1,
+            positions=positions,
+            frame_size=seqs.frame_size,
+            prefix=prefix,
+        )
+        source_row = torch.empty(n + b, dtype=torch.int64, device=device)
+        source_row[token_slot] = torch.arange(n, device=device)
+        source_row[prefix_slot] = torch.arange(n, n + b, device=device)
+        slot_image = torch.cat([layout.token_image, torch.arange(b, device=device)])[source_row]
+        return cls(images, token_slot, slot_image, source_row)
+
+    def insert(self, tokens: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+        """``(N, C)`` tokens and a ``(1, C)`` prefix vector -> ``(N + B, C)`` slots."""
+        b = self.images.num_sequences
+        return torch.cat([tokens, prefix.expand(b, -1)])[self.source_row]
+
+    def tokens(self, slots: torch.Tensor) -> torch.Tensor:
+        """``(N + B, C)`` slots -> ``(N, C)`` tokens (prefixes dropped)."""
+        return slots[self.token_slot]
 
 
 def patch_centers(top_left: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
@@ -168,103 +248,122 @@ def _cumsum0(counts: torch.Tensor) -> torch.Tensor:
     return F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
 
 
-def build_layout(
-    cell_level: torch.Tensor | None,
-    *,
-    batch_size: int,
-    grid_size: tuple[int, int],
-    window_size: int,
-    device: torch.device,
-    sync_flags: torch.Tensor | None = None,
-) -> tuple[PatchLayout, list[int]]:
-    """Pack a batch's patches into a token layout.
+@dataclass(eq=False)
+class PendingLayout:
+    """A layout whose token counts are still on the device (packing step 1).
 
-    Args:
-        cell_level: ``(B, Hc, Wc)`` from :func:`select_levels`, or None for a dense layout (every
-            cell a base patch; its counts are known, so there is no host sync unless
-            ``sync_flags`` asks for one).
-        window_size: window side in base cells, 0 without window attention.
-        sync_flags: optional ``(F,)`` int64 device values that the caller needs on the host;
-            they travel with the layout's single host sync and are returned.
-    Returns:
-        The layout, and ``sync_flags`` as host ints (empty list when None).
+    Attributes:
+        cell_level: ``(B, Hc, Wc)`` int64 level of the patch covering each cell.
+        window_size: window side in cells, 0 without window attention.
+        anchors: ``(B, Hp * Wp)`` bool, True where a patch starts; cells of the padded grid in
+            window-major order.
+        counts: ``(S,)`` int64 tokens per sequence, on the device: per window (``S`` = ``B``
+            times windows per image), or per image without windows. :meth:`pack` needs them on
+            the host.
     """
-    hc, wc = grid_size
-    geo = _geometry((hc, wc), window_size, torch.device(device))
-    hp, wp = geo.padded
-    b = batch_size
-    num_windows = len(geo.real_cells)
-    rows = torch.arange(hc, device=device).view(1, hc, 1)
-    cols = torch.arange(wc, device=device).view(1, 1, wc)
-    dense = cell_level is None
-    if dense:
-        cell_level = torch.zeros(b, hc, wc, dtype=torch.int64, device=device)
-        anchors = torch.ones(b, hc, wc, dtype=torch.bool, device=device)
-    else:
+
+    cell_level: torch.Tensor
+    window_size: int
+    anchors: torch.Tensor
+    counts: torch.Tensor
+
+    @classmethod
+    def from_levels(cls, cell_level: torch.Tensor, window_size: int = 0) -> "PendingLayout":
+        """Anchors and counts of ``(B, Hc, Wc)`` levels (from :func:`select_levels`, or zeros
+        for a dense layout); no host sync."""
+        b, hc, wc = cell_level.shape
+        device = cell_level.device
+        geo = _geometry((hc, wc), window_size, device)
+        hp, wp = geo.padded
+        rows = torch.arange(hc, device=device).view(1, hc, 1)
+        cols = torch.arange(wc, device=device).view(1, 1, wc)
         step = 1 << cell_level
         anchors = (rows % step == 0) & (cols % step == 0)
-    anchors_padded = F.pad(anchors, (0, wp - wc, 0, hp - hc)) if (hp, wp) != (hc, wc) else anchors
-    anchors_ordered = anchors_padded.flatten(1)[:, geo.cell_order]  # (B, Hp*Wp) window-major
-    counts = anchors_ordered.view(b * num_windows, -1).sum(1)  # tokens per window (or image)
+        if (hp, wp) != (hc, wc):
+            anchors = F.pad(anchors, (0, wp - wc, 0, hp - hc))
+        anchors = anchors.flatten(1)[:, geo.cell_order]
+        counts = anchors.view(b * len(geo.real_cells), -1).sum(1)
+        return cls(cell_level, window_size, anchors, counts)
 
-    flags_host: list[int] = []
-    if dense and sync_flags is None:
-        counts_host = np.tile(geo.real_cells, b)
-    else:
-        extra = sync_flags if sync_flags is not None else counts.new_zeros(0)
-        values = torch.cat([counts, extra.to(counts.dtype)]).tolist()  # the one host sync
-        counts_host = np.asarray(values[: len(counts)], dtype=np.int64)
-        flags_host = values[len(counts):]
-    num_tokens = int(counts_host.sum())
+    def pack(self, counts_host: Sequence[int], num_levels: int) -> PatchLayout:
+        """Packing step 3, given :attr:`counts` on the host (as ints); no host sync.
 
-    flat_anchor = anchors_ordered.flatten()
-    token_of_ordered = flat_anchor.cumsum(0) - 1
-    ordered_raster = (
-        torch.arange(b, device=device).view(b, 1) * (hp * wp) + geo.cell_order.view(1, -1)
-    ).flatten()
+        Args:
+            num_levels: the coarsest level the planner could choose (recorded on the layout).
+        """
+        b, hc, wc = self.cell_level.shape
+        geo = _geometry((hc, wc), self.window_size, self.cell_level.device)
+        counts_host = np.asarray(counts_host, dtype=np.int64)
+        num_tokens = int(counts_host.sum())
+        # Token t is the t-th anchor in window-major order.
+        flat_anchor = self.anchors.flatten()
+        token_of_ordered = flat_anchor.cumsum(0) - 1
+        hp, wp = geo.padded
+        ordered_raster = (
+            torch.arange(b, device=flat_anchor.device).view(b, 1) * (hp * wp) + geo.cell_order.view(1, -1)
+        ).flatten()
+        token_image, token_cell, in_image = _token_cells(flat_anchor, token_of_ordered, ordered_raster, num_tokens, geo)
+        token_level = self.cell_level[token_image, token_cell[:, 0], token_cell[:, 1]]
+        centers = patch_centers(token_cell, token_level)
+        per_image = self.counts.view(b, -1).sum(1)
+        per_image_host = counts_host.reshape(b, -1).sum(1)
+        images = PackedSequences(
+            cu_seqlens=_cumsum0(per_image),
+            lengths=per_image_host,
+            max_len=int(per_image_host.max()),
+            positions=centers,
+            frame_size=(hc, wc),
+        )
+        windows = None
+        if self.window_size > 0:
+            windows = _window_sequences(self.window_size, b, geo, self.counts, counts_host, centers, in_image)
+        return PatchLayout(
+            grid_size=(hc, wc),
+            window_size=self.window_size,
+            num_levels=num_levels,
+            cell_level=self.cell_level,
+            token_image=token_image,
+            token_cell=token_cell,
+            token_level=token_level,
+            cell_to_token=_cell_to_token(self.cell_level, token_of_ordered, ordered_raster, geo),
+            tokens_per_image=per_image,
+            images=images,
+            windows=windows,
+        )
+
+
+def _token_cells(
+    flat_anchor: torch.Tensor,
+    token_of_ordered: torch.Tensor,
+    ordered_raster: torch.Tensor,
+    num_tokens: int,
+    geo: _Geometry,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(N,)`` image, ``(N, 2)`` top-left cell and ``(N,)`` raster index within the padded
+    image of every token."""
+    hp, wp = geo.padded
+    # Non-anchors write to a spare last entry, so the scatter needs no boolean indexing (a sync).
     target = torch.where(flat_anchor, token_of_ordered, num_tokens)
-    token_raster = torch.zeros(num_tokens + 1, dtype=torch.int64, device=device)
+    token_raster = torch.zeros(num_tokens + 1, dtype=torch.int64, device=flat_anchor.device)
     token_raster.scatter_(0, target, ordered_raster)
     token_raster = token_raster[:num_tokens]
-    token_image = token_raster // (hp * wp)
     in_image = token_raster % (hp * wp)
-    token_cell = torch.stack([in_image // wp, in_image % wp], dim=1)
-    token_level = cell_level[token_image, token_cell[:, 0], token_cell[:, 1]]
+    return token_raster // (hp * wp), torch.stack([in_image // wp, in_image % wp], dim=1), in_image
 
+
+def _cell_to_token(
+    cell_level: torch.Tensor, token_of_ordered: torch.Tensor, ordered_raster: torch.Tensor, geo: _Geometry
+) -> torch.Tensor:
+    """``(B, Hc, Wc)`` token covering each cell: the token anchored at the patch's top-left cell."""
+    b, hc, wc = cell_level.shape
+    hp, wp = geo.padded
+    device = cell_level.device
     token_at_raster = torch.empty(b * hp * wp, dtype=torch.int64, device=device)
     token_at_raster[ordered_raster] = token_of_ordered
-    anchor_row = (rows >> cell_level) << cell_level
-    anchor_col = (cols >> cell_level) << cell_level
+    anchor_row = (torch.arange(hc, device=device).view(1, hc, 1) >> cell_level) << cell_level
+    anchor_col = (torch.arange(wc, device=device).view(1, 1, wc) >> cell_level) << cell_level
     image = torch.arange(b, device=device).view(b, 1, 1)
-    cell_to_token = token_at_raster[image * (hp * wp) + anchor_row * wp + anchor_col]
-
-    per_image = counts.view(b, num_windows).sum(1)
-    per_image_host = counts_host.reshape(b, num_windows).sum(1)
-    centers = patch_centers(token_cell, token_level)
-    images = PackedSequences(
-        cu_seqlens=_cumsum0(per_image),
-        lengths=per_image_host,
-        max_len=int(per_image_host.max()),
-        positions=centers,
-        frame_size=(hc, wc),
-    )
-    windows = None
-    if window_size > 0:
-        windows = _window_sequences(window_size, b, geo, counts, counts_host, centers, in_image)
-    layout = PatchLayout(
-        grid_size=(hc, wc),
-        window_size=window_size,
-        cell_level=cell_level,
-        token_image=token_image,
-        token_cell=token_cell,
-        token_level=token_level,
-        cell_to_token=cell_to_token,
-        tokens_per_image=per_image,
-        tokens_per_image_host=tuple(int(n) for n in per_image_host),
-        images=images,
-        windows=windows,
-    )
-    return layout, flags_host
+    return token_at_raster[image * (hp * wp) + anchor_row * wp + anchor_col]
 
 
 def _window_sequences(
@@ -323,29 +422,19 @@ def _window_sequences(
     )
 
 
-def prepend_image_tokens(layout: PatchLayout) -> tuple[PackedSequences, torch.Tensor, torch.Tensor]:
-    """Image sequences with one prefix slot (a cls token) before each image's tokens.
-
-    Returns:
-        The sequences (slot order: ``[cls_0, tokens of image 0, cls_1, ...]``; prefix slots sit at
-        position (0, 0) and are marked in ``prefix``), the ``(N,)`` slot of every token and the
-        ``(B,)`` slot of every prefix.
-    """
-    seqs = layout.images
-    b, n = layout.batch_size, layout.num_tokens
-    device = seqs.positions.device
-    token_slot = torch.arange(n, device=device) + layout.token_image + 1
-    prefix_slot = seqs.cu_seqlens[:-1].long() + torch.arange(b, device=device)
-    positions = seqs.positions.new_zeros(n + b, 2)
-    positions[token_slot] = seqs.positions
-    prefix = torch.zeros(n + b, dtype=torch.bool, device=device)
-    prefix[prefix_slot] = True
-    prefixed = PackedSequences(
-        cu_seqlens=seqs.cu_seqlens + torch.arange(b + 1, dtype=torch.int32, device=device),
-        lengths=seqs.lengths + 1,
-        max_len=seqs.max_len + 1,
-        positions=positions,
-        frame_size=seqs.frame_size,
-        prefix=prefix,
-    )
-    return prefixed, token_slot, prefix_slot
+def build_layout(
+    cell_level: torch.Tensor | None,
+    *,
+    batch_size: int,
+    grid_size: tuple[int, int],
+    window_size: int,
+    device: torch.device,
+) -> tuple[PatchLayout, list[int]]:
+    """The pre-planner entry point, kept for tools/calibrate_thresholds.py (issue #9: it moves to
+    :class:`~apt_dense.planner.TokenPlanner`, then this goes). ``cell_level`` None is a dense
+    layout; returns the layout and an empty list."""
+    if cell_level is None:
+        cell_level = torch.zeros(batch_size, *grid_size, dtype=torch.int64, device=device)
+    pending = PendingLayout.from_levels(cell_level, window_size)
+    *counts, top_level = torch.cat([pending.counts, cell_level.amax().view(1)]).tolist()
+    return pending.pack(counts, num_levels=top_level), []

@@ -1,7 +1,16 @@
-"""``APTViT``: adaptive patches, packed blocks, dense feature maps."""
+"""``APTViT``: the learned half of APT (patch embedding, blocks) around a :class:`TokenPlanner`.
+
+:meth:`APTViT.forward_features` is the contract every framework adapter translates:
+
+0. pad the images to :attr:`~APTViT.size_divisibility` (bottom/right);
+1-2. plan: scores -> levels -> packed layout, with the one host sync (``planner.py``);
+3. embed: adaptive patch embedding, position embeddings, optional cls slots (``embedding.py``);
+4. blocks on packed tokens; sequences, RoPE tables and the attention backend are prepared once
+   per pass (``blocks.py``, ``attention.py``, ``positions.py``);
+5. dense maps: tokens repeated over their cells, cropped back to the input (``dense_map.py``).
+"""
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -13,31 +22,25 @@ import torch.utils.checkpoint
 from .attention import BACKENDS, resolve_backend
 from .blocks import AttentionContext, Block, EVA02Attention, Mlp, PackedContext, SwiGLU, ViTDetAttention
 from .dense_map import tokens_to_dense
-from .embedding import AdaptivePatchEmbed, abs_pos_grid, area_pooled_levels, gather_level_maps, layout_is_dense
-from .layout import PackedSequences, PatchLayout, build_layout, prepend_image_tokens
+from .embedding import AdaptivePatchEmbed, position_embeddings
+from .layout import ImagePrefix, PackedSequences, PatchLayout
+from .planner import TokenPlanner
 from .positions import rope_tables
-from .schedule import PatchSchedule, select_levels, thresholds_from_sequence
-from .scoring import (
-    build_scorer, check_channel_order, intensity_extremes, intensity_scale_problem, pixel_statistics, to_intensity,
-)
+from .schedule import thresholds_from_sequence
 
-__all__ = ["APTViT", "APTOutput", "TokenStats", "InputScaleWarning", "BLOCK_TYPES"]
+__all__ = ["APTViT", "APTOutput", "TokenStats", "BLOCK_TYPES"]
 
 BLOCK_TYPES = ("vitdet", "eva02")
 
 
-class InputScaleWarning(UserWarning):
-    """Inputs do not look like the scale ``pixel_mean``/``pixel_std`` imply (issued once per model)."""
-
-
 @dataclass
 class APTOutput:
-    """Result of :meth:`APTViT.forward`.
+    """Result of :meth:`APTViT.forward_features`.
 
     Attributes:
-        features: one ``(B, C, H/p, W/p)`` map per entry of ``out_indices``, in that order.
+        features: one ``(B, C, ceil(H/p), ceil(W/p))`` map per entry of ``out_indices``, in that order.
         tokens_per_image: ``(B,)`` int64 tokens each image kept (device tensor).
-        layout: the packed layout (token positions, sizes, sequences).
+        layout: the packed layout of the padded images (token positions, sizes, sequences).
     """
 
     features: list[torch.Tensor]
@@ -99,6 +102,9 @@ class APTViT(nn.Module):
         input_format: channel order of the input, ``"RGB"`` or ``"BGR"`` (for the grayscale
             weights of the scorer; ``pixel_mean``/``pixel_std`` are in the same order).
         attention_backend: ``"auto"``, ``"flash_attn"``, ``"torch_varlen"`` or ``"sdpa"``.
+
+    The non-learned planning (scorer, thresholds, pixel statistics, input format, window
+    geometry, pixel checks) lives in :attr:`planner`, a :class:`TokenPlanner`.
     """
 
     def __init__(
@@ -166,42 +172,29 @@ class APTViT(nn.Module):
         out_indices = (depth - 1,) if out_indices is None else tuple(out_indices)
         if not out_indices or any(not 0 <= i < depth for i in out_indices):
             raise ValueError(f"out_indices {out_indices} must be non-empty block indices below {depth}")
-
         if patch_sizes is not None:
             thresholds = thresholds_from_sequence(thresholds, patch_sizes)
-        self.schedule = PatchSchedule.create(patch_size, thresholds)
+
         self.patch_size = patch_size
-        self.in_chans = in_chans
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.block_type = block_type
+        self.use_rel_pos = use_rel_pos
         self.window_size = window_size if window_block_indexes else 0
         self.rope_grid = img_size // patch_size
         self.rope_pretrain_len = rope_pretrain_len
         self.rope_theta = rope_theta
         self.out_indices = out_indices
         self.pretrain_use_cls_token = pretrain_use_cls_token
-        self.adaptive = adaptive
         self.attention_backend = attention_backend
         self.use_act_checkpoint = use_act_checkpoint
-        mean, std = pixel_statistics(pixel_mean, pixel_std, in_chans)
-        # Non-persistent buffers: they follow .to(device) and stay out of checkpoints.
-        self.register_buffer("pixel_mean", mean, False)
-        self.register_buffer("pixel_std", std, False)
-        self._input_scale_warned = False
-        self.input_format = check_channel_order(input_format, "input_format")
-        self.scorer = build_scorer(scorer, **dict(scorer_kwargs or {}))
-        if self.window_size and self.window_size % (1 << self.schedule.num_levels):
-            largest = self.schedule.largest_patch_size
-            raise ValueError(
-                f"window_size {self.window_size} cells ({self.window_size * patch_size} px) is not a "
-                f"multiple of the largest patch ({largest} px = {largest // patch_size} cells), so "
-                f"patches would cross windows; drop patch sizes above "
-                f"{patch_size * _largest_pow2_divisor(self.window_size)} px or use a window that is a "
-                f"multiple of {largest // patch_size} cells"
-            )
 
-        self.patch_embed = AdaptivePatchEmbed(patch_size, in_chans, embed_dim, self.schedule.num_levels)
+        self.planner = TokenPlanner(
+            patch_size=patch_size, thresholds=thresholds, adaptive=adaptive, window_size=self.window_size,
+            scorer=scorer, scorer_kwargs=scorer_kwargs, pixel_mean=pixel_mean, pixel_std=pixel_std,
+            input_format=input_format, in_chans=in_chans,
+        )
+        self.patch_embed = AdaptivePatchEmbed(patch_size, in_chans, embed_dim, self.planner.schedule.num_levels)
         if use_abs_pos:
             cells = (pretrain_img_size // patch_size) ** 2
             self.pos_embed = nn.Parameter(torch.zeros(1, cells + int(pretrain_use_cls_token), embed_dim))
@@ -241,203 +234,136 @@ class APTViT(nn.Module):
 
     @property
     def size_divisibility(self) -> int:
-        """Input sides must be multiples of this (see :meth:`forward_padded`)."""
-        return self.schedule.largest_patch_size if self.merges else self.patch_size
-
-    @property
-    def merges(self) -> bool:
-        """Adaptive patching is on and there is at least one coarse patch size."""
-        return self.adaptive and self.schedule.num_levels > 0
+        """:meth:`forward_features` pads the input sides to multiples of this."""
+        return self.planner.size_divisibility
 
     def attention_backends(self, device: torch.device | str, dtype: torch.dtype) -> dict[str, str]:
-        """The attention backend each kind of block uses on ``device`` with ``dtype``."""
-        device = torch.device(device)
-        has_bias = self.block_type == "vitdet" and getattr(self.blocks[0].attn, "use_rel_pos", False)
-        kinds = {"global": resolve_backend(self.attention_backend, device, dtype, has_bias)}
-        if self.window_size:
-            kinds["window"] = kinds["global"]
-        return kinds
+        """The attention backend each kind of block uses on ``device`` when q/k/v are ``dtype``."""
+        backend = self._attention_backend(torch.device(device), dtype)
+        return {"global": backend, "window": backend} if self.window_size else {"global": backend}
 
-    def check_input(self, images: torch.Tensor) -> None:
-        """Shape/dtype/device checks (no device sync); non-finite pixels and the intensity scale
-        are checked in :meth:`build_layout`."""
-        if not isinstance(images, torch.Tensor):
-            raise TypeError(f"images must be a torch.Tensor (B, C, H, W), got {type(images).__name__}")
-        if images.is_meta:
-            raise ValueError(
-                "images are on the meta device (shapes, no data), but APT chooses patches from pixel "
-                "values and sizes its token tensors from them: pass real images (e.g. on 'cpu' or 'cuda')"
-            )
-        if images.dim() != 4:
-            raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
-        b, c, h, w = images.shape
-        if b == 0:
-            raise ValueError("empty batch: images has batch size 0; pass at least one image")
-        unit = self.size_divisibility
-        if h == 0 or w == 0:
-            raise ValueError(
-                f"images are {h}x{w} pixels; drop empty images, or pad them (bottom/right) to at least "
-                f"{unit}x{unit}"
-            )
-        if c != self.in_chans:
-            raise ValueError(
-                f"images have {c} channels but the model expects {self.in_chans}; convert them "
-                f"(e.g. grayscale to RGB with images.expand(-1, 3, -1, -1)) or set in_chans"
-            )
-        if not images.is_floating_point():
-            raise TypeError(
-                f"images have integer dtype {images.dtype}; convert with images.float() (raw 0..255, "
-                "or normalised with the model's pixel_mean/pixel_std)"
-            )
-        self._check_dtype(images)
-        what = "the largest patch size" if self.merges else "the patch size"
-        if h % unit or w % unit:
-            raise ValueError(
-                f"image size {h}x{w} is not a multiple of {what} ({unit} px); pad the images "
-                f"(bottom/right) to {-(-h // unit) * unit}x{-(-w // unit) * unit}"
-            )
-
-    def _check_dtype(self, images: torch.Tensor) -> None:
-        """Images and weights share a float dtype, or autocast casts both (it never casts float64)."""
-        weight = self.patch_embed.proj.weight
-        if images.dtype == weight.dtype:
-            return
-        device_type = images.device.type
-        autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
-        if autocast and torch.float64 not in (images.dtype, weight.dtype):
-            return
-        fix = f"convert the images (images{_to_dtype(weight.dtype)}) or the model (model{_to_dtype(images.dtype)})"
-        if torch.float64 not in (images.dtype, weight.dtype):
-            fix += ", or run mixed precision under torch.autocast"
-        raise TypeError(f"images are {images.dtype} but the model's weights are {weight.dtype}: {fix}")
-
-    def build_layout(self, images: torch.Tensor) -> PatchLayout:
-        """Score, select and pack. One host sync, which also carries the finite-pixel check and,
-        until it has warned once, the intensity-scale check (:class:`InputScaleWarning`)."""
-        self.check_input(images)
-        b, _, h, w = images.shape
-        grid = (h // self.patch_size, w // self.patch_size)
-        flags = [(~torch.isfinite(images)).any().view(1).long()]
-        cell_level = None
-        check_scale = self.merges and not self._input_scale_warned
-        if self.merges:
-            with torch.no_grad():
-                gray = to_intensity(images, self.pixel_mean, self.pixel_std, self.input_format)
-                if check_scale:
-                    flags.append(intensity_extremes(gray))
-                scores = self.scorer(gray, self.patch_size, self.schedule.num_levels)
-                cell_level = select_levels(scores, self.schedule.thresholds)
-        layout, (bad, *extremes) = build_layout(
-            cell_level,
-            batch_size=b,
-            grid_size=grid,
-            window_size=self.window_size,
-            device=images.device,
-            sync_flags=torch.cat(flags),
-        )
-        if bad:
-            raise ValueError("images contain NaN or Inf pixels; clean or drop those images before the model")
-        if check_scale:
-            problem = intensity_scale_problem(extremes, undone=self.pixel_mean is not None)
-            if problem is not None:
-                self._input_scale_warned = True
-                warnings.warn(f"APTViT: {problem} (warned once per model)", InputScaleWarning, stacklevel=2)
-        return layout
-
-    def _context(self, layout: PatchLayout, image_seqs: PackedSequences, slot_image: torch.Tensor) -> PackedContext:
-        head_dim = self.embed_dim // self.num_heads
-
-        def kind(seqs: PackedSequences, frame_len: int) -> AttentionContext:
-            rope = None
-            if self.block_type == "eva02":
-                cos, sin = rope_tables(seqs.positions, head_dim, frame_len, self.rope_pretrain_len, self.rope_theta)
-                if seqs.prefix is not None:  # cls tokens are not rotated (identity rotation)
-                    prefix = seqs.prefix.unsqueeze(1)
-                    cos, sin = cos.masked_fill(prefix, 1.0), sin.masked_fill(prefix, 0.0)
-                rope = (cos, sin)
-            return AttentionContext(seqs, rope, self.attention_backend)
-
-        window = kind(layout.windows, self.window_size) if layout.windows is not None else None
-        return PackedContext(slot_image, layout.batch_size, kind(image_seqs, self.rope_grid), window)
-
-    def embed(self, images: torch.Tensor, layout: PatchLayout) -> torch.Tensor:
-        """``(B, C_in, H, W) -> (N, C)`` tokens with position embeddings."""
-        # In training the APT layers run even when nothing merged, so distributed data parallel
-        # always sees them used.
-        use_levels = self.merges and (self.training or not layout_is_dense(layout))
-        tokens = self.patch_embed(images, layout, use_levels)
-        if self.pos_embed is not None:
-            grid = abs_pos_grid(self.pos_embed, self.pretrain_use_cls_token, layout.grid_size)
-            levels = self.schedule.num_levels if use_levels else 0
-            tokens = tokens + gather_level_maps(area_pooled_levels(grid, levels), layout)
-        return tokens
+    def check_input(self, images: torch.Tensor, any_size: bool = False) -> None:
+        """Shape, dtype and device checks (no device sync); non-finite pixels and the intensity
+        scale are checked by the planner, on its one host sync. ``any_size``: sides need not be
+        multiples of :attr:`size_divisibility` (:meth:`forward_features` pads them)."""
+        self.planner.check_images(images)
+        self.patch_embed.check_dtype(images)
+        if not any_size:
+            self.planner.check_size(images)
 
     def forward(self, images: torch.Tensor) -> APTOutput:
-        """Run the backbone.
+        """:meth:`forward_features` for images whose sides are already multiples of
+        :attr:`size_divisibility`; other sizes raise an error that says how to pad."""
+        self.check_input(images)
+        return self.forward_features(images)
+
+    def forward_features(self, images: torch.Tensor) -> APTOutput:
+        """Dense feature maps for images of any size: the contract that framework adapters translate.
 
         Args:
             images: ``(B, C, H, W)`` float, normalised as the host expects (``pixel_mean`` /
-                ``pixel_std`` tell the scorer how to undo it), H and W multiples of the largest
-                patch size (of the patch size when adaptive patching is off).
+                ``pixel_std`` tell the planner how to undo it for scoring).
+        Returns:
+            Maps of ``ceil(H / p) x ceil(W / p)`` cells. The images are zero-padded (bottom/right)
+            to :attr:`size_divisibility` and the maps cropped back; padding is a flat region of
+            the normalised input, so APT merges it into large patches.
         """
-        layout = self.build_layout(images)
-        x = self.embed(images, layout)
-        image_seqs, slot_image, token_slot = layout.images, layout.token_image, None
-        if self.cls_token is not None:
-            x, image_seqs, slot_image, token_slot = self._prepend_cls_tokens(x, layout)
-        ctx = self._context(layout, image_seqs, slot_image)
-        wanted = set(self.out_indices)
-        by_index = {}
+        self.check_input(images, any_size=True)
+        rows, cols = (-(-side // self.patch_size) for side in images.shape[-2:])
+        images = _pad_bottom_right(images, self.size_divisibility)
+        layout = self.planner(images)                                     # 1-2. scores -> levels -> layout
+        prefix = ImagePrefix.build(layout) if self.cls_token is not None else None
+        x = self.embed(images, layout, prefix)                            # 3. (N, C) tokens [+ B cls slots]
+        ctx = self.block_context(layout, prefix, x)                       # 4. blocks
+        maps = {}
         for i, block in enumerate(self.blocks):
             if self.use_act_checkpoint and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, ctx, use_reentrant=False)
             else:
                 x = block(x, ctx)
-            if i in wanted:
-                by_index[i] = tokens_to_dense(x if token_slot is None else x[token_slot], layout)
-        features = [by_index[i] for i in self.out_indices]
-        return APTOutput(features, layout.tokens_per_image, layout)
+            if i in self.out_indices:                                     # 5. dense maps
+                maps[i] = tokens_to_dense(ctx.tokens(x), layout)[..., :rows, :cols]
+        return APTOutput([maps[i] for i in self.out_indices], layout.tokens_per_image, layout)
 
-    def _prepend_cls_tokens(self, tokens: torch.Tensor, layout: PatchLayout):
-        """Residual stream in slot order with a cls token first in each image's sequence.
-
-        Returns:
-            ``(N + B, C)`` slots, the image sequences with prefix slots, the ``(N + B,)`` image of
-            every slot and the ``(N,)`` slot of every token.
-        """
-        image_seqs, token_slot, cls_slot = prepend_image_tokens(layout)
+    def embed(self, images: torch.Tensor, layout: PatchLayout, prefix: ImagePrefix | None = None) -> torch.Tensor:
+        """Stage 3: ``(N, C)`` tokens with position embeddings; with a ``prefix``, ``(N + B, C)``
+        slots with a cls token leading each image."""
+        x = self.patch_embed(images, layout)
+        if self.pos_embed is not None:
+            x = x + position_embeddings(self.pos_embed, layout, self.pretrain_use_cls_token)
+        if prefix is None:
+            return x
         cls = self.cls_token[0]
         if self.pos_embed is not None:
             cls = cls + self.pos_embed[0, :1]
-        b, n = layout.batch_size, layout.num_tokens
-        row_of_slot = torch.empty(n + b, dtype=torch.int64, device=tokens.device)
-        row_of_slot[token_slot] = torch.arange(n, device=tokens.device)
-        row_of_slot[cls_slot] = torch.arange(n, n + b, device=tokens.device)
-        slots = torch.cat([tokens, cls.expand(b, -1)])[row_of_slot]
-        slot_image = torch.cat([layout.token_image, torch.arange(b, device=tokens.device)])[row_of_slot]
-        return slots, image_seqs, slot_image, token_slot
+        return prefix.insert(x, cls)
+
+    def block_context(self, layout: PatchLayout, prefix: ImagePrefix | None, x: torch.Tensor) -> PackedContext:
+        """What every block needs in this pass, prepared once: the sequences of both attention
+        kinds, their RoPE tables and the attention backend for ``x``'s device and compute dtype."""
+        backend = self._attention_backend(x.device, _compute_dtype(x))
+        images = layout.images if prefix is None else prefix.images
+        image = AttentionContext(images, self._rope(images, self.rope_grid), backend)
+        window = None
+        if layout.windows is not None:
+            window = AttentionContext(layout.windows, self._rope(layout.windows, self.window_size), backend)
+        slot_image = layout.token_image if prefix is None else prefix.slot_image
+        return PackedContext(slot_image, layout.batch_size, image, window, prefix)
+
+    def _rope(self, seqs: PackedSequences, frame_len: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.block_type != "eva02":
+            return None
+        head_dim = self.embed_dim // self.num_heads
+        return rope_tables(seqs.positions, head_dim, frame_len, self.rope_pretrain_len, self.rope_theta, seqs.prefix)
+
+    def _attention_backend(self, device: torch.device, dtype: torch.dtype) -> str:
+        has_bias = self.block_type == "vitdet" and self.use_rel_pos
+        return resolve_backend(self.attention_backend, device, dtype, has_bias)
+
+    # Names the framework adapters and tools still use (issue #9). They go once those call
+    # self.planner and forward_features directly.
+
+    @property
+    def schedule(self):
+        return self.planner.schedule
+
+    @property
+    def merges(self) -> bool:
+        return self.planner.merges
+
+    @property
+    def scorer(self):
+        return self.planner.scorer
+
+    @property
+    def pixel_mean(self) -> torch.Tensor | None:
+        return self.planner.pixel_mean
+
+    @property
+    def pixel_std(self) -> torch.Tensor | None:
+        return self.planner.pixel_std
+
+    @property
+    def input_format(self) -> str:
+        return self.planner.input_format
+
+    def build_layout(self, images: torch.Tensor) -> PatchLayout:
+        return self.planner(images)
 
     def forward_padded(self, images: torch.Tensor) -> APTOutput:
-        """:meth:`forward` for any size: zero-pad (bottom/right) to :attr:`size_divisibility`, then
-        crop the maps back to ``ceil(H / p) x ceil(W / p)`` cells. Padding is a flat region in
-        the normalised input, so APT merges it into large patches."""
-        h, w = images.shape[-2:]
-        unit = self.size_divisibility
-        pad_h, pad_w = (-h) % unit, (-w) % unit
-        # APTViT.forward, not self(): framework subclasses override forward with this method.
-        if not (pad_h or pad_w):
-            return APTViT.forward(self, images)
-        out = APTViT.forward(self, F.pad(images, (0, pad_w, 0, pad_h)))
-        rows, cols = -(-h // self.patch_size), -(-w // self.patch_size)
-        out.features = [f[..., :rows, :cols] for f in out.features]
-        return out
+        return self.forward_features(images)
 
 
-def _largest_pow2_divisor(n: int) -> int:
-    return n & -n
+def _pad_bottom_right(images: torch.Tensor, unit: int) -> torch.Tensor:
+    pad_h, pad_w = (-images.shape[-2]) % unit, (-images.shape[-1]) % unit
+    return F.pad(images, (0, pad_w, 0, pad_h)) if pad_h or pad_w else images
 
 
-def _to_dtype(dtype: torch.dtype) -> str:
-    """The tensor/module method call that converts to ``dtype``, e.g. ``.float()``."""
-    names = {torch.float32: "float", torch.float16: "half", torch.bfloat16: "bfloat16", torch.float64: "double"}
-    return f".{names[dtype]}()" if dtype in names else f".to({dtype})"
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the blocks' linear layers produce from ``x``: autocast's, if it is on (it casts
+    every float dtype but float64), else ``x``'s."""
+    device_type = x.device.type
+    autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    if autocast and x.dtype != torch.float64:
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype

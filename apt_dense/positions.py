@@ -1,4 +1,4 @@
-"""Position encodings evaluated at continuous token centres.
+"""Stage 4 (positions): position encodings evaluated at continuous token centres.
 
 A base token sits at an integer cell; a ``2^k``-cell patch sits at the mean of its cells, a
 half-integer for ``k >= 1``. At base positions both encodings reproduce the dense models exactly:
@@ -14,7 +14,12 @@ __all__ = ["rope_tables", "apply_rope", "half_step_rel_pos", "decomposed_rel_pos
 
 
 def rope_tables(
-    positions: torch.Tensor, head_dim: int, frame_len: int, pretrain_len: int = 16, theta: float = 10000.0
+    positions: torch.Tensor,
+    head_dim: int,
+    frame_len: int,
+    pretrain_len: int = 16,
+    theta: float = 10000.0,
+    unrotated: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """2D rotary tables for ``(T, 2)`` positions (row, col) in cells.
 
@@ -22,6 +27,9 @@ def rope_tables(
     its ``ft_seq_len``: the window size, or the image grid it was built for). The first half of
     the channels rotates with the row, the second half with the column; frequencies are
     repeated in interleaved pairs.
+    Args:
+        unrotated: optional ``(T,)`` bool rows that get the identity rotation (EVA-02 does not
+            rotate its cls token).
     Returns:
         ``cos, sin``: ``(T, head_dim)`` float32.
     """
@@ -32,7 +40,11 @@ def rope_tables(
     t = positions.float() / frame_len * pretrain_len  # (T, 2)
     freqs = (t.unsqueeze(-1) * inv_freq).repeat_interleave(2, dim=-1)  # (T, 2, dim)
     freqs = freqs.flatten(1)  # rows' channels, then columns'
-    return freqs.cos(), freqs.sin()
+    cos, sin = freqs.cos(), freqs.sin()
+    if unrotated is not None:
+        keep = unrotated.unsqueeze(1)
+        cos, sin = cos.masked_fill(keep, 1.0), sin.masked_fill(keep, 0.0)
+    return cos, sin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

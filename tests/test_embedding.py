@@ -24,7 +24,7 @@ def images_with_flat_regions():
 def test_large_patch_token_is_resize_only_embedding_at_init():
     model = tiny().eval()
     x = images_with_flat_regions()
-    layout = model.build_layout(x)
+    layout = model.planner(x)
     tokens = model.patch_embed(x, layout)
     proj = model.patch_embed.proj
     assert (layout.token_level > 0).any()
@@ -41,7 +41,7 @@ def test_large_patch_token_is_resize_only_embedding_at_init():
 def test_position_embedding_is_mean_of_covered_cells():
     model = tiny().eval()
     x = images_with_flat_regions()
-    layout = model.build_layout(x)
+    layout = model.planner(x)
     with torch.no_grad():
         pos_tokens = model.embed(x, layout) - model.patch_embed(x, layout)
         grid = F.interpolate(model.pos_embed[:, 1:].reshape(1, 14, 14, -1).permute(0, 3, 1, 2), size=(8, 8),

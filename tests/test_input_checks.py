@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from apt_dense import APTViT, PatchSchedule, thresholds_from_sequence
-from apt_dense.model import InputScaleWarning
+from apt_dense import APTViT, InputScaleWarning, PatchSchedule, thresholds_from_sequence
 from apt_dense.presets import IMAGENET_PIXEL_MEAN, IMAGENET_PIXEL_STD
 from apt_dense.scoring import intensity_extremes, intensity_scale_problem
 from conftest import photo_batch
@@ -43,8 +42,8 @@ def test_thresholds_in_disguise_are_converted(thresholds, patch_sizes):
 
 def test_string_keys_give_the_same_layout(photos):
     x = photo_batch(photos, 128, count=2)
-    plain = tiny(thresholds={32: 5.0, 64: 5.0}).build_layout(x)
-    from_json = tiny(thresholds={"32": 5.0, "64": 5.0}).build_layout(x)
+    plain = tiny(thresholds={32: 5.0, 64: 5.0}).planner(x)
+    from_json = tiny(thresholds={"32": 5.0, "64": 5.0}).planner(x)
     assert torch.equal(plain.cell_level, from_json.cell_level)
 
 

@@ -4,8 +4,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 
-from apt_dense import APTViT, PatchSchedule, build_layout, select_levels, thresholds_from_sequence
+from apt_dense import APTViT, PatchSchedule, PendingLayout, TokenPlanner, select_levels, thresholds_from_sequence
 from conftest import photo_batch
+
+
+def pack(level, window, num_levels):
+    pending = PendingLayout.from_levels(level, window)
+    return pending.pack(pending.counts.tolist(), num_levels)
 
 
 def check_layout(layout, window):
@@ -70,7 +75,7 @@ def test_layout_invariants_random(batch, levels, blocks, window_mult, pad, seed,
     g = torch.Generator().manual_seed(seed)
     scores = [torch.rand(batch, hc >> k, wc >> k, generator=g) for k in range(1, levels + 1)]
     level = select_levels(scores, thresholds[:levels])
-    layout, _ = build_layout(level, batch_size=batch, grid_size=(hc, wc), window_size=window, device=torch.device("cpu"))
+    layout = pack(level, window, levels)
     check_layout(layout, window)
     # the quadtree rule itself
     for k in range(1, levels + 1):
@@ -95,7 +100,7 @@ def test_select_levels_rule():
 def test_uniform_image_collapses_to_largest_patches():
     model = APTViT(img_size=256, embed_dim=32, depth=1, num_heads=2, thresholds={32: 1.0, 64: 1.0, 128: 1.0})
     images = torch.full((2, 3, 256, 384), 128.0)
-    layout = model.build_layout(images)
+    layout = model.planner(images)
     assert layout.tokens_per_image_host == (6, 6)
     assert (layout.token_level == 3).all()
     check_layout(layout, 0)
@@ -108,14 +113,14 @@ def test_layout_on_real_photos(photos, window):
         window_size=window, window_block_indexes=(0,) if window else (),
     )
     images = photo_batch(photos, 512)
-    layout = model.build_layout(images)
+    layout = model.planner(images)
     check_layout(layout, window)
     kept = layout.kept_fraction
     assert all(0 < f < 1 for f in kept) and len(set(kept)) > 1
 
 
 def test_dense_layout_needs_no_scores():
-    layout, _ = build_layout(None, batch_size=2, grid_size=(6, 10), window_size=4, device=torch.device("cpu"))
+    layout = TokenPlanner(patch_size=16, window_size=4, adaptive=False)(torch.zeros(2, 3, 96, 160))
     check_layout(layout, 4)
     assert layout.tokens_per_image_host == (60, 60)
     assert (layout.windows.lengths == 16).all()  # padded windows hold their padding slots
@@ -160,5 +165,5 @@ def test_layout_invariants_real_photo_crops(photos, photo, top, left, cells, thr
     crop = torch.nn.functional.pad(crop, (0, w - crop.shape[2], 0, h - crop.shape[1]))
     model = APTViT(img_size=256, embed_dim=32, depth=1, num_heads=2, thresholds=dict(zip((32, 64), thresholds)),
                    window_size=window, window_block_indexes=(0,) if window else ())
-    layout = model.build_layout(crop.unsqueeze(0))
+    layout = model.planner(crop.unsqueeze(0))
     check_layout(layout, window)
