@@ -1,18 +1,23 @@
 """Attention over packed variable-length sequences.
 
-Backends, chosen per call by ``"auto"`` or forced by name:
+Backends, resolved once per forward pass (:func:`resolve_backend`; ``"auto"`` picks the first
+that applies) and then dispatched by :func:`packed_attention`:
 
-- ``flash_attn``: ``flash_attn.flash_attn_varlen_func`` (CUDA, fp16/bf16, no bias);
-- ``torch_varlen``: ``torch.nn.attention.varlen.varlen_attn`` (torch >= 2.10, CUDA, fp16/bf16,
-  no bias);
+- ``flash_attn``: ``flash_attn.flash_attn_varlen_func``;
+- ``torch_varlen``: ``torch.nn.attention.varlen.varlen_attn`` (torch >= 2.10);
 - ``sdpa``: portable. Equal-length sequences run as one batched
   ``scaled_dot_product_attention`` without a mask; ragged ones are grouped into buckets of
   similar length, padded, and masked. Supports an additive bias (relative positions).
 
-``auto`` prefers flash_attn, then torch_varlen, then sdpa, among those that apply.
+The two fused backends call FlashAttention's varlen kernel, whose preconditions
+:func:`available_backends` checks before choosing them: CUDA tensors in fp16/bf16, head dim at
+most 256 and a multiple of 8, no additive bias. :func:`packed_attention` hands them ``(T, H, D)``
+q/k/v with a contiguous last dim, ``cu_seqlens`` int32 with a leading 0 on the same device and
+``max_seqlen`` a Python int.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,11 +28,14 @@ import torch.nn.functional as F
 
 from .layout import PackedSequences
 
-__all__ = ["BACKENDS", "available_backends", "resolve_backend", "packed_attention", "BucketPlan"]
+__all__ = ["BACKENDS", "check_backend_name", "available_backends", "resolve_backend", "packed_attention", "BucketPlan"]
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "flash_attn", "torch_varlen", "sdpa")
+FUSED_BACKENDS = ("flash_attn", "torch_varlen")
+FUSED_DTYPES = (torch.float16, torch.bfloat16)
+MAX_FUSED_HEAD_DIM = 256
 
 # A sequence joins the current bucket while its length is at least this fraction of the
 # bucket's longest, bounding padding waste per bucket to about 1 - BUCKET_FILL.
@@ -36,6 +44,9 @@ BUCKET_FILL = 0.75
 BiasFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+# Kernel lookups are cached: a failed import costs about 0.1 ms, and the answer does not change
+# within a process.
+@functools.cache
 def _flash_attn_func():
     try:
         from flash_attn import flash_attn_varlen_func
@@ -44,6 +55,7 @@ def _flash_attn_func():
     return flash_attn_varlen_func
 
 
+@functools.cache
 def _torch_varlen_func():
     try:
         from torch.nn.attention.varlen import varlen_attn
@@ -52,37 +64,57 @@ def _torch_varlen_func():
     return varlen_attn
 
 
-def available_backends(device: torch.device, dtype: torch.dtype, has_bias: bool) -> list[str]:
-    """Backends that can run on ``device`` with ``dtype`` (and an additive bias when asked)."""
-    names = []
-    fused_ok = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and not has_bias
-    if fused_ok and _flash_attn_func() is not None:
-        names.append("flash_attn")
-    if fused_ok and _torch_varlen_func() is not None:
-        names.append("torch_varlen")
-    names.append("sdpa")
-    return names
+def _fused_kernel(backend: str):
+    return _flash_attn_func() if backend == "flash_attn" else _torch_varlen_func()
+
+
+def _fused_kernels_run_on(device: torch.device) -> bool:
+    """FlashAttention kernels exist for CUDA only (tests stand in a reference kernel on CPU)."""
+    return device.type == "cuda"
+
+
+def check_backend_name(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+
+
+def available_backends(
+    device: torch.device, dtype: torch.dtype, has_bias: bool, head_dim: int | None = None
+) -> list[str]:
+    """Backends that can run on ``device`` with ``dtype`` (and an additive bias when asked), in
+    ``auto``'s order of preference. ``head_dim`` None skips the head-dim preconditions."""
+    head_dim_ok = head_dim is None or (head_dim % 8 == 0 and head_dim <= MAX_FUSED_HEAD_DIM)
+    fused_ok = _fused_kernels_run_on(device) and dtype in FUSED_DTYPES and not has_bias and head_dim_ok
+    names = [name for name in FUSED_BACKENDS if fused_ok and _fused_kernel(name) is not None]
+    return names + ["sdpa"]
 
 
 _reported: set[tuple[str, str, str]] = set()
 
 
-def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype, has_bias: bool) -> str:
-    """The backend that ``requested`` means here; a forced backend that cannot run is an error."""
-    if requested not in BACKENDS:
-        raise ValueError(f"unknown attention backend {requested!r}; choose one of {BACKENDS}")
-    usable = available_backends(device, dtype, has_bias)
+def resolve_backend(
+    requested: str, device: torch.device, dtype: torch.dtype, has_bias: bool, head_dim: int | None = None
+) -> str:
+    """The backend that ``requested`` means here; a forced backend that cannot run is an error.
+    Each distinct choice is logged once per process."""
+    check_backend_name(requested)
+    usable = available_backends(device, dtype, has_bias, head_dim)
     if requested == "auto":
         chosen = usable[0]
     elif requested in usable:
         chosen = requested
     else:
-        why = "an additive bias (relative positions)" if has_bias else f"{device.type}/{dtype}"
+        if has_bias:
+            why = "an additive bias (relative positions)"
+        elif head_dim is not None and _fused_kernels_run_on(device) and dtype in FUSED_DTYPES:
+            why = f"head dim {head_dim} (needs a multiple of 8, at most {MAX_FUSED_HEAD_DIM})"
+        else:
+            why = f"{device.type}/{dtype}"
         raise RuntimeError(
             f"attention backend {requested!r} cannot run with {why}; usable here: {usable}. "
             "Use attention_backend='auto' or 'sdpa'"
         )
-    key = (requested, chosen, f"{device.type}/{dtype}/{'bias' if has_bias else 'nobias'}")
+    key = (requested, chosen, f"{device.type}/{dtype}/{'bias' if has_bias else 'nobias'}/d{head_dim}")
     if key not in _reported:
         _reported.add(key)
         logger.info("apt_dense attention: %s -> %s for %s", requested, chosen, key[2])
@@ -189,20 +221,30 @@ def packed_attention(
     """Softmax attention within each sequence of ``seqs``, scale ``head_dim ** -0.5``.
 
     Args:
-        q, k, v: ``(T, H, D)`` slot-ordered projections.
+        q, k, v: ``(T, H, D)`` slot-ordered projections, same dtype.
         seqs: the sequence boundaries.
+        backend: a backend as :func:`resolve_backend` returns it (the model resolves once per
+            forward pass), or ``"auto"`` to resolve it here for ``q``'s device and dtype.
         bias_fn: optional ``(slot_index (n, L), q (n, H, L, D)) -> (n or 1, H, L, L)`` additive
             attention bias for a padded batch of sequences; only the sdpa backend takes one.
     Returns:
         ``(T, H, D)``.
     """
-    chosen = resolve_backend(backend, q.device, q.dtype, bias_fn is not None)
-    if chosen == "flash_attn":
-        cu = seqs.cu_seqlens
-        return _flash_attn_func()(q, k, v, cu, cu, seqs.max_len, seqs.max_len)
-    if chosen == "torch_varlen":
-        cu = seqs.cu_seqlens
-        return _torch_varlen_func()(q, k, v, cu, cu, seqs.max_len, seqs.max_len)
+    check_backend_name(backend)
+    if backend == "auto":
+        backend = resolve_backend(backend, q.device, q.dtype, bias_fn is not None, q.shape[-1])
+    if backend == "sdpa":
+        return _sdpa(q, k, v, seqs, bias_fn)
+    if bias_fn is not None:
+        raise ValueError(f"attention backend {backend!r} takes no additive bias (relative positions); use 'sdpa'")
+    kernel = _fused_kernel(backend)
+    if kernel is None:
+        raise RuntimeError(f"attention backend {backend!r} is not installed here; use 'auto' or 'sdpa'")
+    cu = seqs.cu_seqlens
+    return kernel(q, k, v, cu, cu, seqs.max_len, seqs.max_len)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: PackedSequences, bias_fn: BiasFn | None):
     if seqs.uniform:
         bias = None
         if bias_fn is not None:

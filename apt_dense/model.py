@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from .attention import BACKENDS, resolve_backend
+from .attention import check_backend_name, resolve_backend
 from .blocks import AttentionContext, Block, EVA02Attention, Mlp, PackedContext, SwiGLU, ViTDetAttention
 from .dense_map import tokens_to_dense
 from .embedding import AdaptivePatchEmbed, position_embeddings
@@ -158,8 +158,7 @@ class APTViT(nn.Module):
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
         if block_type == "eva02" and use_rel_pos:
             raise ValueError("EVA-02 blocks use RoPE; use_rel_pos applies to block_type='vitdet'")
-        if attention_backend not in BACKENDS:
-            raise ValueError(f"unknown attention backend {attention_backend!r}; choose one of {BACKENDS}")
+        check_backend_name(attention_backend)
         window_block_indexes = tuple(window_block_indexes)
         if use_cls_token and window_block_indexes:
             raise ValueError("a cls token needs global attention in every block; drop window_block_indexes")
@@ -318,7 +317,7 @@ class APTViT(nn.Module):
 
     def _attention_backend(self, device: torch.device, dtype: torch.dtype) -> str:
         has_bias = self.block_type == "vitdet" and self.use_rel_pos
-        return resolve_backend(self.attention_backend, device, dtype, has_bias)
+        return resolve_backend(self.attention_backend, device, dtype, has_bias, self.embed_dim // self.num_heads)
 
     # Names the framework adapters and tools still use (issue #9). They go once those call
     # self.planner and forward_features directly.
