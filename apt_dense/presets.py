@@ -34,15 +34,17 @@ def _vitdet(dim: int, depth: int, heads: int, global_blocks: tuple[int, ...]) ->
 
 
 def _eva02_seg(dim: int, depth: int, heads: int) -> dict:
-    """EVA-02 segmentation backbone shape: global attention in every block (its cls token is
-    not modelled by the core; the mmseg adapter adds it)."""
+    """EVA-02 segmentation backbone shape: global attention in every block. Its cls token is
+    off here (``use_cls_token=True`` adds it; the mmseg adapter sets it)."""
     return dict(
         img_size=512, patch_size=16, embed_dim=dim, depth=depth, num_heads=heads, mlp_ratio=4 * 2 / 3,
         norm_layer=_LN, block_type="eva02", pretrain_img_size=224, pretrain_use_cls_token=True,
     )
 
 
-# SPEC sections 2-4: EVA-02 detection (1536, window 32) and ViTDet (MAE, 1024, window 14).
+# EVA-02 detection at 1536 with window 32 (baaivision/EVA, EVA-02/det projects/ViTDet configs),
+# ViTDet on MAE at 1024 with window 14 (facebookresearch/detectron2, projects/ViTDet/configs), and
+# EVA-02 segmentation at 512 (baaivision/EVA, EVA-02/seg configs).
 HOSTS = {
     "eva02_b_det": _eva02_det(768, 12, 12, (1, 3, 5, 7, 9, 11)),
     "eva02_l_det": _eva02_det(1024, 24, 16, _every_third(24)),
