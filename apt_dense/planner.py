@@ -2,8 +2,8 @@
 
 1. scores: grayscale intensities on the raw 0..255 scale (the input normalisation undone), one
    score map per coarse level (``scoring.py``);
-2. levels: the quadtree rule with the schedule's thresholds (``schedule.py``);
-3. layout: tokens counted on the device, the one host sync, packing (``layout.py``).
+2a. levels: the quadtree rule with the schedule's thresholds (``schedule.py``);
+2b. layout: tokens counted on the device, the one host sync, packing (``layout.py``).
 
 The host sync carries the token counts together with the input checks that need pixel values:
 non-finite pixels (an error) and, until it has warned once, the intensity scale (a warning).
@@ -186,7 +186,7 @@ class TokenPlanner(nn.Module):
         return layout
 
     def plan_scores(self, scores: Sequence[torch.Tensor]) -> PatchLayout:
-        """Stages 2-3 alone: the layout of :meth:`scores` under this planner's thresholds."""
+        """Stage 2 alone: the layout of :meth:`scores` under this planner's thresholds."""
         layout, _ = self._pack(select_levels(scores, self.schedule.thresholds), [])
         return layout
 
