@@ -42,7 +42,7 @@ def test_configs_build_from_the_registry(config):
     cfg, model = tiny_model(config)
     assert isinstance(model.backbone, APTViTSegBackbone)
     assert cfg.model.backbone.thresholds == ({32: 5.0} if "tiny" in config else {32: 5.75})
-    assert model.backbone.merges == ("dense" not in config)
+    assert model.backbone.planner.merges == ("dense" not in config)
     assert cfg.model.test_cfg.mode == "slide"
     assert list(cfg.model.backbone.pixel_mean) == list(cfg.model.data_preprocessor.mean)
 

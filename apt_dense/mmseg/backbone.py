@@ -97,7 +97,7 @@ class APTViTSegBackbone(CoreAPTViT):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``(B, 3, H, W)`` normalised images -> four maps at strides 4, 8, 16, 32."""
-        out = self.forward_padded(x)
+        out = self.forward_features(x)
         self.token_stats.update(out.layout)
         pyramid = (self.fpn1, self.fpn2, self.fpn3, self.fpn4)
         return tuple(op(f.contiguous()) for op, f in zip(pyramid, out.features))
