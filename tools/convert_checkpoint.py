@@ -11,16 +11,21 @@ import sys
 
 import torch
 
-from apt_dense.checkpoints import convert_eva02_pretrain
+from apt_dense.checkpoints import UnsafeCheckpointError, convert_eva02_pretrain, read_checkpoint
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source")
     p.add_argument("target")
+    p.add_argument("--unsafe-load", action="store_true",
+                   help="unpickle arbitrary Python objects from the source (trusted files only)")
     args = p.parse_args(argv)
-    state = torch.load(args.source, map_location="cpu", weights_only=True)
-    converted, dropped = convert_eva02_pretrain(state)
+    try:
+        converted, dropped = convert_eva02_pretrain(read_checkpoint(args.source, allow_pickle=args.unsafe_load))
+    except (OSError, UnsafeCheckpointError, ValueError) as err:
+        print(f"convert_checkpoint: cannot convert {args.source}: {err}", file=sys.stderr)
+        return 1
     torch.save({"model": converted}, args.target)
     print(f"wrote {len(converted)} tensors to {args.target}; dropped {len(dropped)}: {', '.join(dropped)}")
     return 0

@@ -10,6 +10,7 @@ import sys
 from detectron2.config import LazyConfig, instantiate
 from detectron2.evaluation import COCOEvaluator
 
+from apt_dense.checkpoints import UnsafeCheckpointError
 from apt_dense.detectron2 import APTCheckpointer, swap_to_apt
 from apt_dense.detectron2.engine import evaluate, register_coco_datasets
 
@@ -25,6 +26,8 @@ def parse_args(argv=None):
     p.add_argument("--apt", action="store_true", help="swap the config's ViT backbone for APTViT")
     p.add_argument("--device", default=None, help="cpu or cuda (default: the config's train.device)")
     p.add_argument("--output-dir", default="./output/eval")
+    p.add_argument("--unsafe-load", action="store_true",
+                   help="unpickle arbitrary Python objects from the checkpoint (trusted files only)")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="key=value config overrides")
     return p.parse_args(argv)
 
@@ -42,7 +45,11 @@ def main(argv=None) -> dict:
     )
     device = args.device or cfg.train.device
     model = instantiate(cfg.model).to(device).eval()
-    APTCheckpointer(model).load(args.checkpoint or cfg.train.init_checkpoint)
+    checkpoint = args.checkpoint or cfg.train.init_checkpoint
+    try:
+        APTCheckpointer(model, allow_pickle=args.unsafe_load).load(checkpoint)
+    except (OSError, UnsafeCheckpointError, ValueError) as err:
+        sys.exit(f"eval_coco: cannot load {checkpoint}: {err}")
     results = evaluate(cfg, model)
     for task in ("bbox", "segm"):
         if task in results:

@@ -1,8 +1,11 @@
-"""Checkpoint loading for APT detectors: loud on shape mismatches, explicit about APT layers.
+"""Checkpoint loading for APT detectors: files read as data, loud on shape mismatches,
+explicit about APT layers.
 
-detectron2's ``DetectionCheckpointer`` skips parameters whose shapes differ with a warning;
-:class:`APTCheckpointer` raises instead. It also names the APT layers (the only keys a host
-checkpoint cannot have) and drops EVA-02's RoPE buffers, which APTViT recomputes.
+detectron2's ``DetectionCheckpointer`` unpickles whatever a file holds and skips parameters whose
+shapes differ with a warning. :class:`APTCheckpointer` reads files through
+:func:`apt_dense.checkpoints.read_checkpoint` (tensors, arrays and containers only, unless
+``allow_pickle=True``) and raises on shape mismatches. It also names the APT layers (the only keys
+a host checkpoint cannot have) and drops EVA-02's RoPE buffers, which APTViT recomputes.
 """
 from __future__ import annotations
 
@@ -11,14 +14,42 @@ import logging
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-from ..checkpoints import is_apt_layer, is_recomputed_buffer
+from ..checkpoints import is_apt_layer, is_recomputed_buffer, read_checkpoint
 
 __all__ = ["APTCheckpointer", "load_backbone_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
+
 class APTCheckpointer(DetectionCheckpointer):
-    """``DetectionCheckpointer`` for models with an APT backbone (see module docstring)."""
+    """``DetectionCheckpointer`` for models with an APT backbone (see module docstring).
+
+    Args:
+        model, save_dir, checkpointables: as for ``DetectionCheckpointer``.
+        allow_pickle: unpickle arbitrary Python objects from checkpoint files (trusted files only;
+            ``--unsafe-load`` in the tools). By default a file holding anything but tensors,
+            numpy arrays and plain containers is refused with an ``UnsafeCheckpointError``.
+    """
+
+    def __init__(self, model, save_dir: str = "", *, allow_pickle: bool = False, **kwargs):
+        super().__init__(model, save_dir, **kwargs)
+        self.allow_pickle = allow_pickle
+
+    def _load_file(self, filename: str):
+        if not filename.endswith(".pkl"):
+            return super()._load_file(filename)  # torch files come back through _torch_load
+        data = read_checkpoint(filename, allow_pickle=self.allow_pickle)
+        # detectron2's handling of model-zoo .pkl files, reading them as data.
+        if "model" in data and "__author__" in data:  # detectron2 model zoo
+            self.logger.info("Reading a file from '%s'", data["__author__"])
+            return dict(data)
+        if "blobs" in data:  # Caffe2 / Detectron1 detection models
+            data = data["blobs"]
+        data = {k: v for k, v in data.items() if not k.endswith("_momentum")}
+        return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}
+
+    def _torch_load(self, f: str):
+        return dict(read_checkpoint(f, allow_pickle=self.allow_pickle))
 
     def _load_model(self, checkpoint):
         state = checkpoint["model"]
@@ -44,8 +75,8 @@ class APTCheckpointer(DetectionCheckpointer):
         return incompatible
 
 
-def load_backbone_checkpoint(model: torch.nn.Module, path: str) -> APTCheckpointer:
+def load_backbone_checkpoint(model: torch.nn.Module, path: str, *, allow_pickle: bool = False) -> APTCheckpointer:
     """Load ``path`` into a detectron2 model through :class:`APTCheckpointer`."""
-    checkpointer = APTCheckpointer(model)
+    checkpointer = APTCheckpointer(model, allow_pickle=allow_pickle)
     checkpointer.load(path)
     return checkpointer
