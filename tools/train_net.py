@@ -8,17 +8,18 @@ Same interface as detectron2's tools/lazyconfig_train_net.py:
     # any ViTDet config, its ViT swapped for APTViT:
     python tools/train_net.py --config-file .../mask_rcnn_vitdet_b_100ep.py --apt
 
-Extra options: --apt, --coco-dataset NAME JSON IMAGE_DIR (register COCO-format data).
+Extra options: --apt, --coco-dataset NAME JSON IMAGE_DIR (register COCO-format data),
+--unsafe-load (unpickle Python objects from trusted checkpoints; by default they are read as data).
+On a machine without CUDA (train.device=cpu), --num-gpus N starts N CPU processes (gloo).
 """
 import logging
 
 from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import AMPTrainer, SimpleTrainer, default_argument_parser, default_setup, default_writers, hooks, launch
-from detectron2.engine.defaults import create_ddp_model
 from detectron2.utils import comm
 
 from apt_dense.detectron2 import APTCheckpointer, swap_to_apt
-from apt_dense.detectron2.engine import evaluate, freeze_all_but_apt_layers, register_coco_datasets
+from apt_dense.detectron2.engine import create_ddp_model, evaluate, freeze_all_but_apt_layers, register_coco_datasets
 
 logger = logging.getLogger("detectron2")
 
@@ -34,7 +35,7 @@ def do_train(args, cfg):
     train_loader = instantiate(cfg.dataloader.train)
     model = create_ddp_model(model, **cfg.train.ddp)
     trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, train_loader, optim)
-    checkpointer = APTCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    checkpointer = APTCheckpointer(model, cfg.train.output_dir, allow_pickle=args.unsafe_load, trainer=trainer)
     trainer.register_hooks(
         [
             hooks.IterationTimer(),
@@ -67,7 +68,7 @@ def main(args):
         model = instantiate(cfg.model)
         model.to(cfg.train.device)
         model = create_ddp_model(model)
-        APTCheckpointer(model).load(cfg.train.init_checkpoint)
+        APTCheckpointer(model, allow_pickle=args.unsafe_load).load(cfg.train.init_checkpoint)
         return evaluate(cfg, model)
     do_train(args, cfg)
     return None
@@ -79,6 +80,11 @@ def argument_parser():
     parser.add_argument(
         "--coco-dataset", nargs=3, action="append", metavar=("NAME", "JSON", "IMAGE_DIR"),
         help="register a COCO-format dataset under NAME (repeatable)",
+    )
+    parser.add_argument(
+        "--unsafe-load", action="store_true",
+        help="unpickle arbitrary Python objects from checkpoints (trusted files only; "
+        "by default only tensors, arrays and containers are read)",
     )
     return parser
 

@@ -8,6 +8,7 @@ import torch
 from detectron2.config import instantiate
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
+from detectron2.engine.defaults import create_ddp_model as _create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
@@ -15,9 +16,17 @@ from ..model import TokenStats
 from .backbone import APTViT
 from .lr_decay import apt_layer_names
 
-__all__ = ["find_apt_backbone", "evaluate", "register_coco_datasets", "freeze_all_but_apt_layers"]
+__all__ = ["create_ddp_model", "find_apt_backbone", "evaluate", "register_coco_datasets", "freeze_all_but_apt_layers"]
 
 logger = logging.getLogger("apt_dense")
+
+
+def create_ddp_model(model: torch.nn.Module, **kwargs) -> torch.nn.Module:
+    """detectron2's ``create_ddp_model`` (DistributedDataParallel when there are >1 processes),
+    also for a model on the CPU (``launch`` then uses gloo): a CPU module takes no ``device_ids``."""
+    if next(model.parameters()).device.type == "cpu":
+        kwargs.setdefault("device_ids", None)
+    return _create_ddp_model(model, **kwargs)
 
 
 def find_apt_backbone(model: torch.nn.Module) -> APTViT | None:
