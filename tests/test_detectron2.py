@@ -1,4 +1,5 @@
 """detectron2 plugin. Skipped as a whole when detectron2 (not on PyPI) is not installed."""
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,7 @@ from apt_dense.detectron2 import (  # noqa: E402
     swap_to_apt,
 )
 from apt_dense.detectron2.engine import freeze_all_but_apt_layers  # noqa: E402
+from apt_dense.detectron2.swap import HOST_VIT_TARGETS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECTS = ROOT / "projects"
@@ -122,10 +124,14 @@ def test_swap_on_detectron2_vitdet_configs():
         assert project_cfg.model.backbone.net._target_ is APTViT, path
 
 
-def test_swap_rejects_other_backbones():
-    cfg = model_zoo.get_config("common/models/mask_rcnn_fpn.py")
-    with pytest.raises((ValueError, AttributeError, KeyError)):
-        swap_to_apt(cfg)
+@pytest.mark.parametrize("config, found", [
+    ("common/models/mask_rcnn_fpn.py", "its model.backbone is detectron2.modeling.backbone.fpn.FPN, which has no ViT 'net'"),
+    ("common/models/mask_rcnn_c4.py", "its model.backbone is detectron2.modeling.backbone.resnet.ResNet, which has no ViT 'net'"),
+    ("common/train.py", "it has no model.backbone"),
+])
+def test_swap_rejects_configs_without_a_vit(config, found):
+    with pytest.raises(ValueError, match=re.escape(f"model.backbone.net is detectron2's ViT ({HOST_VIT_TARGETS[0]}), but {found}")):
+        swap_to_apt(model_zoo.get_config(config))
 
 
 def test_adaptive_off_detector_equals_detectron2_vitdet():

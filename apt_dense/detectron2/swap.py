@@ -32,6 +32,23 @@ def _fitting_thresholds(thresholds: Mapping[int, float], patch_size: int, window
     return kept
 
 
+def _host_net(model):
+    """``model.backbone.net``, or a ValueError saying what the config has instead."""
+    backbone = model.get("backbone") if isinstance(model, Mapping) else None
+    net = backbone.get("net") if isinstance(backbone, Mapping) else None
+    if isinstance(net, Mapping) and "_target_" in net:
+        return net
+    if isinstance(backbone, Mapping) and "_target_" in backbone:
+        found = f"its model.backbone is {_target_path(backbone['_target_'])}, which has no ViT 'net'"
+    else:
+        found = "it has no model.backbone"
+    raise ValueError(
+        f"swap_to_apt needs a ViTDet-style LazyConfig whose model.backbone.net is detectron2's ViT "
+        f"({HOST_VIT_TARGETS[0]}), but {found}; start from a ViTDet config, e.g. detectron2's "
+        "projects/ViTDet/configs/COCO/mask_rcnn_vitdet_b_100ep.py"
+    )
+
+
 def swap_to_apt(cfg, thresholds: Mapping[int, float] | None = None, **apt_kwargs):
     """Replace ``cfg.model.backbone.net`` (detectron2's / EVA-02's ``ViT``) by :class:`APTViT`.
 
@@ -46,7 +63,7 @@ def swap_to_apt(cfg, thresholds: Mapping[int, float] | None = None, **apt_kwargs
         ``cfg`` (modified in place).
     """
     model = cfg.model if "model" in cfg else cfg
-    net = model.backbone.net
+    net = _host_net(model)
     path = _target_path(net._target_)
     if path == _target_path(APTViT):
         raise ValueError("the config's backbone is already APTViT")
