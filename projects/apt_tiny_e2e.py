@@ -8,6 +8,8 @@
 """
 from functools import partial
 
+from detectron2.layers import ShapeSpec
+
 from apt_dense.detectron2 import get_apt_vit_lr_decay_rate
 
 from .apt_mask_rcnn_vitdet_b import dataloader, lr_multiplier, model, optimizer, train
@@ -19,6 +21,13 @@ model.backbone.net.update(
     drop_path_rate=0.0, thresholds={32: 4.0, 64: 4.0},
 )
 model.backbone.square_pad = image_size
+# ViTDet's neck and heads, narrowed (256 -> 64 channels, fc 1024 -> 256): convolutions dominate on CPU
+channels, fc_dim = 64, 256
+model.backbone.out_channels = channels
+model.proposal_generator.head.in_channels = channels
+model.roi_heads.box_head.update(input_shape=ShapeSpec(channels=channels, height=7, width=7), conv_dims=[channels] * 4, fc_dims=[fc_dim])
+model.roi_heads.box_predictor.input_shape = ShapeSpec(channels=fc_dim)
+model.roi_heads.mask_head.update(input_shape=ShapeSpec(channels=channels, height=14, width=14), conv_dims=[channels] * 5)
 model.roi_heads.num_classes = 2
 model.roi_heads.batch_size_per_image = 64
 model.roi_heads.box_predictor.test_score_thresh = 0.0  # a few dozen iterations give low scores
