@@ -104,7 +104,7 @@ def read_checkpoint(
         else:
             with torch.serialization.safe_globals([*_numpy_globals(), *safe_globals]):
                 data = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, EOFError, RuntimeError, zipfile.BadZipFile, UnicodeDecodeError, ValueError) as err:
+    except (pickle.UnpicklingError, EOFError, OSError, RuntimeError, zipfile.BadZipFile, UnicodeDecodeError, ValueError) as err:
         unsafe = _UNSUPPORTED_GLOBAL.search(str(err))
         if unsafe:
             raise UnsafeCheckpointError(_unsafe_message(path, f"it needs {unsafe.group(1)}")) from err
