@@ -80,7 +80,7 @@ def test_yacs_registry_builder():
     c.IMG_SIZE, c.EMBED_DIM, c.DEPTH, c.NUM_HEADS, c.WINDOW_SIZE, c.WINDOW_BLOCK_INDEXES = 256, 32, 2, 2, 8, [0]
     c.SQUARE_PAD = 256
     backbone = build_backbone(cfg)
-    assert backbone.net.input_format == "BGR" and backbone.net.schedule.threshold_map() == {32: 5.5}
+    assert backbone.net.planner.input_format == "BGR" and backbone.net.planner.schedule.threshold_map() == {32: 5.5}
     assert set(backbone(torch.randn(1, 3, 256, 256))) == {"p2", "p3", "p4", "p5", "p6"}
 
 

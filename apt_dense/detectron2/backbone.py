@@ -13,6 +13,7 @@ from detectron2.utils.events import get_event_storage
 
 from ..model import APTViT as CoreAPTViT
 from ..model import TokenStats
+from ..schedule import thresholds_from_sequence
 
 __all__ = ["APTViT", "add_apt_vit_config", "build_apt_vit_fpn_backbone"]
 
@@ -69,7 +70,7 @@ class APTViT(CoreAPTViT, Backbone):
         self.token_stats = TokenStats()
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = self.forward_padded(x)
+        out = self.forward_features(x)
         self.token_stats.update(out.layout)
         if self.training:
             try:
@@ -122,7 +123,7 @@ def build_apt_vit_fpn_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
         norm_layer=partial(nn.LayerNorm, eps=1e-6), window_size=c.WINDOW_SIZE,
         window_block_indexes=tuple(c.WINDOW_BLOCK_INDEXES), use_rel_pos=c.USE_REL_POS, rope=c.ROPE,
         use_act_checkpoint=c.USE_ACT_CHECKPOINT, pretrain_img_size=c.PRETRAIN_IMG_SIZE,
-        adaptive=c.ADAPTIVE, patch_sizes=tuple(c.PATCH_SIZES), thresholds=tuple(c.THRESHOLDS),
+        adaptive=c.ADAPTIVE, thresholds=thresholds_from_sequence(tuple(c.THRESHOLDS), tuple(c.PATCH_SIZES)),
         scorer=c.SCORER, pixel_mean=tuple(cfg.MODEL.PIXEL_MEAN), pixel_std=tuple(cfg.MODEL.PIXEL_STD),
         input_format=cfg.INPUT.FORMAT, attention_backend=c.ATTENTION_BACKEND,
     )
