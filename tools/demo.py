@@ -141,7 +141,7 @@ def main(argv=None) -> int:
 
     # 2. Speed: the real host shapes, one photo at a time while the budget lasts.
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
-    budget = f"budget {args.budget:.0f} s for the whole demo" if args.budget else "no budget: every photo"
+    budget = f"budget {args.budget:g} s for the whole demo" if args.budget else "no budget: every photo"
     print(f"Speed, dense vs APT backbone: same random weights, batch 1, one run per side per photo, "
           f"{device.type}{threads}; {budget}")
     tick = time.perf_counter()
@@ -190,7 +190,7 @@ def main(argv=None) -> int:
     if not timed:
         return 130
     if len(timed) < len(names) and not interrupted:
-        print(f"timed {len(timed)} of {len(names)} photos to stay within the {args.budget:.0f} s budget; "
+        print(f"timed {len(timed)} of {len(names)} photos to stay within the {args.budget:g} s budget; "
               f"--budget 0 times all {len(names)}")
     timed_kept = sum(kept[i] for i in timed) / len(timed)
     n = len(timed)
