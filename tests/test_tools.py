@@ -178,7 +178,7 @@ def test_calibrate_hits_target_and_plots_curve(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "99999" not in printed and "00000" not in printed
     assert "<- base: the paper's segmentation setting" in printed and "<- chosen" in printed
-    assert Image.open(png).size == (768, 528)  # 6.4 x 4.4 in at 120 dpi
+    assert Image.open(png).size == (768, 624)  # 6.4 x 5.2 in at 120 dpi
 
 
 def test_calibrate_curve_reaches_a_far_target():

@@ -146,7 +146,7 @@ def plot_curve(path: Path, result: dict, setting: str) -> bool:
     kept = [100 * point["kept"] for point in result["curve"]]
     first_size, first = next(iter(result["base"].items()))
     base = ", ".join(f"{size} px: {t:g}" for size, t in result["base"].items())
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    fig, ax = plt.subplots(figsize=(6.4, 5.2), layout="constrained")
     ax.plot(scales, kept, "o-", ms=4, color="tab:blue", label="tokens kept")
     ax.axvline(1.0, color="tab:green", ls="--", lw=1.2, label=f"scale 1: {setting} ({base})")
     if "target" in result:
@@ -159,9 +159,9 @@ def plot_curve(path: Path, result: dict, setting: str) -> bool:
     ax.grid(alpha=0.3)
     top = ax.secondary_xaxis("top", functions=(lambda s: s * first, lambda t: t / first))
     top.set_xlabel(f"threshold of {first_size} px patches")
-    ax.legend(fontsize=8, loc="lower left", title_fontsize=8,
-              title=f"{result['images']} images at {result['size']} px, {result['scorer']} scorer")
-    fig.tight_layout()
+    # Below the axes: the curve can run through any corner.
+    fig.legend(fontsize=8, loc="outside lower center", title_fontsize=8,
+               title=f"{result['images']} images at {result['size']} px, {result['scorer']} scorer")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
