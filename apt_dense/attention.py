@@ -6,8 +6,21 @@ that applies) and then dispatched by :func:`packed_attention`:
 - ``flash_attn``: ``flash_attn.flash_attn_varlen_func``;
 - ``torch_varlen``: ``torch.nn.attention.varlen.varlen_attn`` (torch >= 2.10);
 - ``sdpa``: portable. Equal-length sequences run as one batched
-  ``scaled_dot_product_attention`` without a mask; ragged ones are grouped into buckets of
-  similar length, padded, and masked. Supports an additive bias (relative positions).
+  ``scaled_dot_product_attention`` without a mask; ragged ones are grouped into at most
+  :data:`MAX_BUCKETS` buckets of similar length, padded, and masked. Supports an additive bias
+  (relative positions).
+
+Under ``torch.compile`` (see :meth:`apt_dense.APTViT.compile_blocks`) nothing here reads a
+batch-dependent Python value, so one graph serves every batch:
+
+- ragged ``sdpa`` runs as the custom op ``apt_dense::bucketed_sdpa`` (a fake implementation for
+  the compiler, autograd through an eager recomputation); its bucket index tensors have unbacked
+  sizes, and their number is fixed, so neither the bucket shapes nor their count are guarded;
+- ``torch_varlen`` is already a custom op with a fake implementation; it gets the frame's slot
+  capacity (:attr:`~apt_dense.layout.PackedSequences.max_slots`), a static upper bound, as
+  ``max_seqlen``;
+- ``flash_attn`` is not offered: flash-attn's varlen function breaks ``torch.compile``
+  (flash-attn issue 1894), so ``auto`` takes ``torch_varlen``, the same FlashAttention kernel.
 
 The two fused backends call FlashAttention's varlen kernel, whose preconditions
 :func:`available_backends` checks before choosing them: CUDA tensors in fp16/bf16, head dim at
@@ -19,7 +32,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from .layout import PackedSequences
+from .positions import RelPosBias
 
 __all__ = ["BACKENDS", "check_backend_name", "available_backends", "resolve_backend", "packed_attention", "BucketPlan"]
 
@@ -40,6 +54,9 @@ MAX_FUSED_HEAD_DIM = 256
 # A sequence joins the current bucket while its length is at least this fraction of the
 # bucket's longest, bounding padding waste per bucket to about 1 - BUCKET_FILL.
 BUCKET_FILL = 0.75
+# At most this many buckets, always passed as this many tensors (unused ones empty): a fixed
+# argument count is what lets one compiled graph take every batch.
+MAX_BUCKETS = 4
 
 BiasFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -79,13 +96,15 @@ def check_backend_name(backend: str) -> None:
 
 
 def available_backends(
-    device: torch.device, dtype: torch.dtype, has_bias: bool, head_dim: int | None = None
+    device: torch.device, dtype: torch.dtype, has_bias: bool, head_dim: int | None = None, compiled: bool = False
 ) -> list[str]:
     """Backends that can run on ``device`` with ``dtype`` (and an additive bias when asked), in
-    ``auto``'s order of preference. ``head_dim`` None skips the head-dim preconditions."""
+    ``auto``'s order of preference. ``head_dim`` None skips the head-dim preconditions.
+    ``compiled``: the blocks run under ``torch.compile``, which flash-attn's varlen function breaks."""
     head_dim_ok = head_dim is None or (head_dim % 8 == 0 and head_dim <= MAX_FUSED_HEAD_DIM)
     fused_ok = _fused_kernels_run_on(device) and dtype in FUSED_DTYPES and not has_bias and head_dim_ok
-    names = [name for name in FUSED_BACKENDS if fused_ok and _fused_kernel(name) is not None]
+    fused = [name for name in FUSED_BACKENDS if not (compiled and name == "flash_attn")]
+    names = [name for name in fused if fused_ok and _fused_kernel(name) is not None]
     return names + ["sdpa"]
 
 
@@ -93,18 +112,26 @@ _reported: set[tuple[str, str, str]] = set()
 
 
 def resolve_backend(
-    requested: str, device: torch.device, dtype: torch.dtype, has_bias: bool, head_dim: int | None = None
+    requested: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    has_bias: bool,
+    head_dim: int | None = None,
+    compiled: bool = False,
 ) -> str:
-    """The backend that ``requested`` means here; a forced backend that cannot run is an error.
-    Each distinct choice is logged once per process."""
+    """The backend that ``requested`` means here (``compiled``: for blocks under
+    ``torch.compile``); a forced backend that cannot run is an error. Each distinct choice is
+    logged once per process."""
     check_backend_name(requested)
-    usable = available_backends(device, dtype, has_bias, head_dim)
+    usable = available_backends(device, dtype, has_bias, head_dim, compiled)
     if requested == "auto":
         chosen = usable[0]
     elif requested in usable:
         chosen = requested
     else:
-        if has_bias:
+        if compiled and requested == "flash_attn":
+            why = "torch.compile (flash-attn's varlen function breaks it, flash-attn issue 1894)"
+        elif has_bias:
             why = "an additive bias (relative positions)"
         elif head_dim is not None and _fused_kernels_run_on(device) and dtype in FUSED_DTYPES:
             why = f"head dim {head_dim} (needs a multiple of 8, at most {MAX_FUSED_HEAD_DIM})"
@@ -114,7 +141,8 @@ def resolve_backend(
             f"attention backend {requested!r} cannot run with {why}; usable here: {usable}. "
             "Use attention_backend='auto' or 'sdpa'"
         )
-    key = (requested, chosen, f"{device.type}/{dtype}/{'bias' if has_bias else 'nobias'}/d{head_dim}")
+    key = (requested, chosen,
+           f"{device.type}/{dtype}/{'bias' if has_bias else 'nobias'}/d{head_dim}{'/compiled' if compiled else ''}")
     if key not in _reported:
         _reported.add(key)
         logger.info("apt_dense attention: %s -> %s for %s", requested, chosen, key[2])
@@ -125,14 +153,17 @@ def resolve_backend(
 class BucketPlan:
     """Padded batches for the ragged case, built once per layout on the host.
 
-    ``slots[i]`` is ``(n_i, L_i)`` slot indices of bucket ``i`` (``T`` = a zero padding row);
-    ``valid[i]`` marks real entries; ``inverse`` maps each slot to its row in the concatenation
-    of all buckets' valid outputs.
+    ``slots`` holds exactly :data:`MAX_BUCKETS` tensors: ``slots[i]`` is ``(n_i, L_i)`` slot
+    indices of bucket ``i`` (``T`` = a zero padding row), an unused bucket is ``(0, 1)``.
+    ``key_ok[i]`` is bucket ``i``'s ``(n_i, L_i)`` mask of real entries, or ``(0, 1)`` when the
+    bucket has no padding (attention then runs unmasked). ``inverse`` maps each slot to its row
+    in the concatenation of all buckets' padded outputs. Their sizes are unbacked for the
+    compiler (:func:`torch._dynamo.decorators.mark_unbacked`): they only enter the
+    ``apt_dense::bucketed_sdpa`` op, and are never guarded on.
     """
 
     slots: tuple[torch.Tensor, ...]
-    valid: tuple[torch.Tensor, ...]
-    valid_rows: tuple[torch.Tensor, ...]
+    key_ok: tuple[torch.Tensor, ...]
     inverse: torch.Tensor
 
 
@@ -144,13 +175,17 @@ def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return tensor.to(device)
 
 
-def bucket_plan(seqs: PackedSequences, device: torch.device) -> BucketPlan:
-    """Group sequences by length (longest first) into buckets padded to their longest member."""
-    key = ("buckets", str(device))
-    if key in seqs.cache:
-        return seqs.cache[key]
-    lengths = seqs.lengths
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+def _opaque(tensor: torch.Tensor) -> torch.Tensor:
+    """Sizes that the compiler neither specialises (0/1) nor guards."""
+    for dim in range(tensor.dim()):
+        torch._dynamo.decorators.mark_unbacked(tensor, dim)
+    return tensor
+
+
+def bucket_groups(lengths: np.ndarray) -> list[np.ndarray]:
+    """Sequence indices per bucket, longest first: a sequence joins a bucket while it is at least
+    :data:`BUCKET_FILL` of the bucket's longest; beyond :data:`MAX_BUCKETS` buckets, the
+    neighbours whose merge adds the least padded attention work (sequences x width^2) merge."""
     order = np.argsort(-lengths, kind="stable")
     groups = []
     first = 0
@@ -161,22 +196,51 @@ def bucket_plan(seqs: PackedSequences, device: torch.device) -> BucketPlan:
             last += 1
         groups.append(order[first:last])
         first = last
+    while len(groups) > MAX_BUCKETS:
+        widths = np.array([lengths[g[0]] for g in groups], dtype=np.float64)
+        sizes = np.array([len(g) for g in groups], dtype=np.float64)
+        added = sizes[1:] * (widths[:-1] ** 2 - widths[1:] ** 2)
+        i = int(np.argmin(added))
+        groups[i : i + 2] = [np.concatenate(groups[i : i + 2])]
+    return groups
+
+
+def _plan_key(device: torch.device) -> tuple[str, str]:
+    return ("buckets", str(device))
+
+
+@torch.compiler.disable
+def bucket_plan(seqs: PackedSequences, device: torch.device) -> BucketPlan:
+    """Group sequences by length into buckets padded to their longest member (cached on ``seqs``;
+    host work, kept out of compiled graphs)."""
+    key = _plan_key(device)
+    if key in seqs.cache:
+        return seqs.cache[key]
+    lengths = seqs.lengths
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     total = int(lengths.sum())
-    slots, valid, valid_rows, flat_valid_slots = [], [], [], []
-    for group in groups:
+    # Empty entries are (0, 1), not (0, 0): the strides of a used (n, 1) tensor, so the
+    # compiler's contiguity guards on the (fixed) argument lists hold for every plan.
+    def empty(dtype):
+        return _opaque(torch.zeros(0, 1, dtype=dtype, device=device))
+
+    slots, key_ok, flat_slots = [], [], []
+    for group in bucket_groups(lengths):
         width = int(lengths[group].max())
         cols = np.arange(width)
-        mask = cols[None, :] < lengths[group][:, None]
-        index = np.where(mask, starts[group][:, None] + cols[None, :], total)
-        rows = np.flatnonzero(mask.ravel())
-        slots.append(_to_device(index.astype(np.int64), device))
-        valid.append(_to_device(mask, device))
-        valid_rows.append(_to_device(rows.astype(np.int64), device))
-        flat_valid_slots.append(index.ravel()[rows])
-    concat = np.concatenate(flat_valid_slots)
+        real = cols[None, :] < lengths[group][:, None]
+        index = np.where(real, starts[group][:, None] + cols[None, :], total)
+        slots.append(_opaque(_to_device(index.astype(np.int64), device)))
+        key_ok.append(empty(torch.bool) if real.all() else _opaque(_to_device(real, device)))
+        flat_slots.append(index.ravel())
+    unused = MAX_BUCKETS - len(slots)
+    slots += [empty(torch.int64) for _ in range(unused)]
+    key_ok += [empty(torch.bool) for _ in range(unused)]
+    concat = np.concatenate(flat_slots)
+    valid = np.flatnonzero(concat < total)
     inverse = np.empty(total, dtype=np.int64)
-    inverse[concat] = np.arange(total)
-    plan = BucketPlan(tuple(slots), tuple(valid), tuple(valid_rows), _to_device(inverse, device))
+    inverse[concat[valid]] = valid
+    plan = BucketPlan(tuple(slots), tuple(key_ok), _opaque(_to_device(inverse, device)))
     seqs.cache[key] = plan
     return plan
 
@@ -190,24 +254,110 @@ def _sdpa_uniform(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int
 
 
 def _sdpa_bucketed(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BucketPlan, bias_fn: BiasFn | None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slots: Sequence[torch.Tensor],
+    key_ok: Sequence[torch.Tensor],
+    inverse: torch.Tensor,
+    bias_fn: BiasFn | None,
 ) -> torch.Tensor:
     t, h, d = q.shape
     pad = q.new_zeros(1, h, d)
     qp, kp, vp = (torch.cat([x, pad]) for x in (q, k, v))
     outputs = []
-    for slots, valid, rows in zip(plan.slots, plan.valid, plan.valid_rows):
-        n, width = slots.shape
-        qb, kb, vb = (x[slots].transpose(1, 2) for x in (qp, kp, vp))  # (n, H, L, D)
-        key_ok = valid.view(n, 1, 1, width)
-        if bias_fn is None:
-            mask = key_ok
-        else:
-            bias = bias_fn(slots, qb)
-            mask = bias.masked_fill(~key_ok, float("-inf"))
+    for index, real in zip(slots, key_ok):
+        n, width = index.shape
+        if n == 0:
+            continue
+        qb, kb, vb = (x[index].transpose(1, 2) for x in (qp, kp, vp))  # (n, H, L, D)
+        mask = None if bias_fn is None else bias_fn(index, qb)
+        if real.numel():  # padded bucket
+            real = real.view(n, 1, 1, width)
+            mask = real if mask is None else mask.masked_fill(~real, float("-inf"))
         out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask)
-        outputs.append(out.transpose(1, 2).reshape(n * width, h, d)[rows])
-    return torch.cat(outputs)[plan.inverse]
+        outputs.append(out.transpose(1, 2).reshape(n * width, h, d))
+    return torch.cat(outputs)[inverse]
+
+
+# The ragged sdpa path as one opaque op for compiled graphs. Eager code calls _sdpa_bucketed
+# directly (native autograd, no recomputation).
+
+def _op_bias(rel_pos_h, rel_pos_w, positions, frame_size) -> RelPosBias | None:
+    return None if rel_pos_h is None else RelPosBias(rel_pos_h, rel_pos_w, positions, tuple(frame_size))
+
+
+@torch.library.custom_op("apt_dense::bucketed_sdpa", mutates_args=())
+def _bucketed_sdpa_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slots: list[torch.Tensor],
+    key_ok: list[torch.Tensor],
+    inverse: torch.Tensor,
+    rel_pos_h: torch.Tensor | None,
+    rel_pos_w: torch.Tensor | None,
+    positions: torch.Tensor | None,
+    frame_size: list[int],
+) -> torch.Tensor:
+    return _sdpa_bucketed(q, k, v, slots, key_ok, inverse, _op_bias(rel_pos_h, rel_pos_w, positions, frame_size))
+
+
+@_bucketed_sdpa_op.register_fake
+def _(q, k, v, slots, key_ok, inverse, rel_pos_h, rel_pos_w, positions, frame_size):
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("apt_dense::bucketed_sdpa_backward", mutates_args=())
+def _bucketed_sdpa_backward_op(
+    grad: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slots: list[torch.Tensor],
+    key_ok: list[torch.Tensor],
+    inverse: torch.Tensor,
+    rel_pos_h: torch.Tensor | None,
+    rel_pos_w: torch.Tensor | None,
+    positions: torch.Tensor | None,
+    frame_size: list[int],
+) -> list[torch.Tensor]:
+    """Gradients of q, k, v (and the relative-position tables) by recomputing the forward pass
+    eagerly: the padded buckets are not kept between forward and backward. (``torch.func.vjp``,
+    because a custom op's body runs with autograd's dispatch keys excluded.)"""
+    tables = () if rel_pos_h is None else (rel_pos_h, rel_pos_w)
+
+    def forward(q, k, v, *tables):
+        return _sdpa_bucketed(q, k, v, slots, key_ok, inverse, _op_bias(*(tables or (None, None)), positions, frame_size))
+
+    _, vjp = torch.func.vjp(forward, q, k, v, *tables)
+    return list(vjp(grad))
+
+
+@_bucketed_sdpa_backward_op.register_fake
+def _(grad, q, k, v, slots, key_ok, inverse, rel_pos_h, rel_pos_w, positions, frame_size):
+    tables = [] if rel_pos_h is None else [torch.empty_like(rel_pos_h), torch.empty_like(rel_pos_w)]
+    return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), *tables]
+
+
+def _bucketed_sdpa_setup(ctx, inputs, output):
+    q, k, v, slots, key_ok, inverse, rel_pos_h, rel_pos_w, positions, frame_size = inputs
+    ctx.save_for_backward(q, k, v, inverse, rel_pos_h, rel_pos_w, positions, *slots, *key_ok)
+    ctx.frame_size = frame_size
+
+
+def _bucketed_sdpa_grad(ctx, grad):
+    q, k, v, inverse, rel_pos_h, rel_pos_w, positions, *plan = ctx.saved_tensors
+    slots, key_ok = plan[:MAX_BUCKETS], plan[MAX_BUCKETS:]
+    grads = _bucketed_sdpa_backward_op(
+        grad, q, k, v, slots, key_ok, inverse, rel_pos_h, rel_pos_w, positions, ctx.frame_size
+    )
+    dq, dk, dv, *tables = grads
+    d_rel_h, d_rel_w = tables or (None, None)
+    return dq, dk, dv, [None] * MAX_BUCKETS, [None] * MAX_BUCKETS, None, d_rel_h, d_rel_w, None, None
+
+
+_bucketed_sdpa_op.register_autograd(_bucketed_sdpa_grad, setup_context=_bucketed_sdpa_setup)
 
 
 def packed_attention(
@@ -227,28 +377,53 @@ def packed_attention(
             forward pass), or ``"auto"`` to resolve it here for ``q``'s device and dtype.
         bias_fn: optional ``(slot_index (n, L), q (n, H, L, D)) -> (n or 1, H, L, L)`` additive
             attention bias for a padded batch of sequences; only the sdpa backend takes one.
+            Under ``torch.compile`` a ragged layout's bias must be a :class:`RelPosBias`.
     Returns:
         ``(T, H, D)``.
     """
     check_backend_name(backend)
+    compiling = torch.compiler.is_compiling()
     if backend == "auto":
-        backend = resolve_backend(backend, q.device, q.dtype, bias_fn is not None, q.shape[-1])
+        backend = resolve_backend(backend, q.device, q.dtype, bias_fn is not None, q.shape[-1], compiling)
     if backend == "sdpa":
-        return _sdpa(q, k, v, seqs, bias_fn)
+        return _sdpa_compiled(q, k, v, seqs, bias_fn) if compiling else _sdpa(q, k, v, seqs, bias_fn)
     if bias_fn is not None:
         raise ValueError(f"attention backend {backend!r} takes no additive bias (relative positions); use 'sdpa'")
     kernel = _fused_kernel(backend)
     if kernel is None:
         raise RuntimeError(f"attention backend {backend!r} is not installed here; use 'auto' or 'sdpa'")
     cu = seqs.cu_seqlens
-    return kernel(q, k, v, cu, cu, seqs.max_len, seqs.max_len)
+    # Compiled: the static capacity, an upper bound the kernels accept, instead of this batch's
+    # longest sequence (an int the compiler would guard on).
+    max_len = seqs.max_slots if compiling and seqs.max_slots is not None else seqs.max_len
+    return kernel(q, k, v, cu, cu, max_len, max_len)
+
+
+def _uniform_bias(q: torch.Tensor, length: int, bias_fn: BiasFn | None) -> torch.Tensor | None:
+    if bias_fn is None:
+        return None
+    slots = torch.arange(q.shape[0], device=q.device).view(-1, length)
+    return bias_fn(slots, q.view(-1, length, *q.shape[1:]).transpose(1, 2))
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: PackedSequences, bias_fn: BiasFn | None):
     if seqs.uniform:
-        bias = None
-        if bias_fn is not None:
-            slots = torch.arange(q.shape[0], device=q.device).view(-1, seqs.max_len)
-            bias = bias_fn(slots, q.view(-1, seqs.max_len, *q.shape[1:]).transpose(1, 2))
-        return _sdpa_uniform(q, k, v, seqs.max_len, bias)
-    return _sdpa_bucketed(q, k, v, bucket_plan(seqs, q.device), bias_fn)
+        return _sdpa_uniform(q, k, v, seqs.max_len, _uniform_bias(q, seqs.max_len, bias_fn))
+    plan = bucket_plan(seqs, q.device)
+    return _sdpa_bucketed(q, k, v, plan.slots, plan.key_ok, plan.inverse, bias_fn)
+
+
+def _sdpa_compiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: PackedSequences, bias_fn: BiasFn | None):
+    """:func:`_sdpa` without reading lengths: the layout's static ``ragged`` flag picks the path."""
+    if not seqs.ragged:
+        length = seqs.max_slots
+        return _sdpa_uniform(q, k, v, length, _uniform_bias(q, length, bias_fn))
+    if bias_fn is not None and not isinstance(bias_fn, RelPosBias):
+        raise TypeError("under torch.compile, ragged sdpa attention takes a RelPosBias as its bias (the custom op "
+                        f"needs tensors), got {type(bias_fn).__name__}")
+    # The model builds the plan before the blocks (APTViT.block_context): a traced cache hit.
+    # Without one, the (disabled) builder runs eagerly at the cost of a graph break.
+    plan = seqs.cache.get(_plan_key(q.device)) or bucket_plan(seqs, q.device)
+    bias = (None, None, None, [0, 0]) if bias_fn is None else (
+        bias_fn.rel_pos_h, bias_fn.rel_pos_w, bias_fn.positions, list(bias_fn.frame_size))
+    return _bucketed_sdpa_op(q, k, v, list(plan.slots), list(plan.key_ok), plan.inverse, *bias)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .attention import packed_attention
 from .layout import ImagePrefix, PackedSequences
-from .positions import apply_rope, decomposed_rel_pos_bias
+from .positions import RelPosBias, apply_rope
 
 __all__ = [
     "AttentionContext",
@@ -151,18 +151,11 @@ class ViTDetAttention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         t, c = x.shape
         q, k, v = self.qkv(x).view(t, 3, self.num_heads, -1).unbind(1)
-        bias_fn = self._rel_pos_bias_fn(ctx.seqs) if self.use_rel_pos else None
-        out = packed_attention(q, k, v, ctx.seqs, ctx.backend, bias_fn)
+        bias = None
+        if self.use_rel_pos:
+            bias = RelPosBias(self.rel_pos_h, self.rel_pos_w, ctx.seqs.positions, ctx.seqs.frame_size)
+        out = packed_attention(q, k, v, ctx.seqs, ctx.backend, bias)
         return self.proj(out.reshape(t, c))
-
-    def _rel_pos_bias_fn(self, seqs: PackedSequences):
-        """``(slot_index (n, L), q (n, H, L, D)) -> (n, H, L, L)`` relative-position bias."""
-        positions = torch.cat([seqs.positions, seqs.positions.new_zeros(1, 2)])  # row T: padding
-
-        def bias_fn(slots: torch.Tensor, q_batch: torch.Tensor) -> torch.Tensor:
-            return decomposed_rel_pos_bias(q_batch, positions[slots], self.rel_pos_h, self.rel_pos_w, seqs.frame_size)
-
-        return bias_fn
 
 
 class EVA02Attention(nn.Module):

@@ -48,6 +48,12 @@ class PackedSequences:
         gather: ``(T,)`` row of every slot, ``R`` (the number of rows) for a padding slot.
         scatter: ``(R,)`` slot of every row.
         prefix: ``(T,)`` bool marking per-image prefix slots (a cls token), or None.
+        max_slots: the most slots a sequence of this frame can hold (window or image cells, plus
+            a prefix slot), fixed for a model and image size; None when unknown. Compiled code
+            passes it to the varlen kernels as their ``max_seqlen`` bound, so no batch-dependent
+            int reaches the compiler.
+        ragged: lengths may differ between sequences. False when the planner cannot merge (a
+            dense layout): compiled code then takes the equal-length path without a data check.
     """
 
     cu_seqlens: torch.Tensor
@@ -58,6 +64,8 @@ class PackedSequences:
     gather: torch.Tensor | None = None
     scatter: torch.Tensor | None = None
     prefix: torch.Tensor | None = None
+    max_slots: int | None = None
+    ragged: bool = True
     cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -179,6 +187,8 @@ class ImagePrefix:
             positions=positions,
             frame_size=seqs.frame_size,
             prefix=prefix,
+            max_slots=None if seqs.max_slots is None else seqs.max_slots + 1,
+            ragged=seqs.ragged,
         )
         source_row = torch.empty(n + b, dtype=torch.int64, device=device)
         source_row[token_slot] = torch.arange(n, device=device)
@@ -313,10 +323,14 @@ class PendingLayout:
             max_len=int(per_image_host.max()),
             positions=centers,
             frame_size=(hc, wc),
+            max_slots=hc * wc,
+            ragged=num_levels > 0,
         )
         windows = None
         if self.window_size > 0:
-            windows = _window_sequences(self.window_size, b, geo, self.counts, counts_host, centers, in_image)
+            windows = _window_sequences(
+                self.window_size, b, geo, self.counts, counts_host, centers, in_image, ragged=num_levels > 0
+            )
         return PatchLayout(
             grid_size=(hc, wc),
             window_size=self.window_size,
@@ -374,6 +388,7 @@ def _window_sequences(
     counts_host: np.ndarray,
     centers: torch.Tensor,
     in_image: torch.Tensor,
+    ragged: bool,
 ) -> PackedSequences:
     """One sequence per window: its tokens, then its zero-padding cells (padded windows only)."""
     device = centers.device
@@ -388,6 +403,8 @@ def _window_sequences(
             max_len=int(counts_host.max()),
             positions=positions,
             frame_size=(window, window),
+            max_slots=full,
+            ragged=ragged,
         )
     num_tokens = len(centers)
     pads_host = np.tile(pad_per_window, b)
@@ -419,6 +436,8 @@ def _window_sequences(
         frame_size=(window, window),
         gather=gather,
         scatter=scatter,
+        max_slots=full,
+        ragged=ragged,
     )
 
 

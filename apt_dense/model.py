@@ -8,6 +8,11 @@
 4. blocks on packed tokens; sequences, RoPE tables and the attention backend are prepared once
    per pass (``blocks.py``, ``attention.py``, ``positions.py``);
 5. dense maps: tokens repeated over their cells, cropped back to the input (``dense_map.py``).
+
+Under ``torch.compile`` steps 0-3 and the per-pass preparation run eagerly
+(``torch.compiler.disable``): they depend on pixel values and hold the host sync. The blocks are
+compiled with the token dimension dynamic (:meth:`APTViT.compile_blocks`; ``torch.compile(model)``
+also compiles step 5).
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from .attention import check_backend_name, resolve_backend
+from .attention import bucket_plan, check_backend_name, resolve_backend
 from .blocks import AttentionContext, Block, EVA02Attention, Mlp, PackedContext, SwiGLU, ViTDetAttention
 from .dense_map import tokens_to_dense
 from .embedding import AdaptivePatchEmbed, position_embeddings
@@ -187,6 +192,7 @@ class APTViT(nn.Module):
         self.pretrain_use_cls_token = pretrain_use_cls_token
         self.attention_backend = attention_backend
         self.use_act_checkpoint = use_act_checkpoint
+        self._compiled_block = None  # set by compile_blocks
 
         self.planner = TokenPlanner(
             patch_size=patch_size, thresholds=thresholds, adaptive=adaptive, window_size=self.window_size,
@@ -237,9 +243,29 @@ class APTViT(nn.Module):
         return self.planner.size_divisibility
 
     def attention_backends(self, device: torch.device | str, dtype: torch.dtype) -> dict[str, str]:
-        """The attention backend each kind of block uses on ``device`` when q/k/v are ``dtype``."""
-        backend = self._attention_backend(torch.device(device), dtype)
+        """The attention backend each kind of block uses on ``device`` when q/k/v are ``dtype``
+        (with the blocks compiled, if :meth:`compile_blocks` was called)."""
+        backend = self._attention_backend(torch.device(device), dtype, self._compiled_block is not None)
         return {"global": backend, "window": backend} if self.window_size else {"global": backend}
+
+    def compile_blocks(self, **compile_kwargs) -> "APTViT":
+        """Run the transformer blocks through ``torch.compile`` from now on; returns ``self``.
+
+        Planning, embedding and the per-pass preparation stay eager (one host sync per forward,
+        as uncompiled). One graph is compiled per kind of block (window, global) and per
+        device, dtype and grad mode; the blocks of a kind share it. The token dimension and the
+        sequence lengths are dynamic, so batches with new token counts do not recompile, and
+        attention has no graph break: ``sdpa`` runs ragged batches as the custom op
+        ``apt_dense::bucketed_sdpa``, ``torch_varlen`` is a custom op itself, and ``flash_attn``
+        (which breaks ``torch.compile``) gives way to ``torch_varlen`` under ``auto``.
+
+        Args:
+            compile_kwargs: passed to :func:`torch.compile`; ``fullgraph=True`` unless given
+                (a graph break inside a block is an error, not a slow path).
+        """
+        compile_kwargs.setdefault("fullgraph", True)
+        self._compiled_block = torch.compile(_run_block, **compile_kwargs)
+        return self
 
     def check_input(self, images: torch.Tensor, any_size: bool = False) -> None:
         """Shape, dtype and device checks (no device sync); non-finite pixels and the intensity
@@ -270,19 +296,32 @@ class APTViT(nn.Module):
         self.check_input(images, any_size=True)
         rows, cols = (-(-side // self.patch_size) for side in images.shape[-2:])
         images = _pad_bottom_right(images, self.size_divisibility)
-        layout = self.planner(images)                                     # 1-2. scores -> levels -> layout
-        prefix = ImagePrefix.build(layout) if self.cls_token is not None else None
-        x = self.embed(images, layout, prefix)                            # 3. (N, C) tokens [+ B cls slots]
-        ctx = self.block_context(layout, prefix, x)                       # 4. blocks
+        compiled = self._compiled_block is not None or torch.compiler.is_compiling()
+        layout, x, ctx = self._plan_and_embed(images, compiled)           # 1-3 (eager)
+        run = self._compiled_block or _run_block                          # 4. blocks
         maps = {}
         for i, block in enumerate(self.blocks):
+            if self._compiled_block is not None:
+                torch._dynamo.maybe_mark_dynamic(x, 0)  # rows differ from batch to batch
             if self.use_act_checkpoint and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, ctx, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(run, block, x, ctx, use_reentrant=False)
             else:
-                x = block(x, ctx)
+                x = run(block, x, ctx)
             if i in self.out_indices:                                     # 5. dense maps
                 maps[i] = tokens_to_dense(ctx.tokens(x), layout)[..., :rows, :cols]
         return APTOutput([maps[i] for i in self.out_indices], layout.tokens_per_image, layout)
+
+    @torch.compiler.disable
+    def _plan_and_embed(self, images: torch.Tensor, compiled: bool) -> tuple[PatchLayout, torch.Tensor, PackedContext]:
+        """Stages 1-3 and the blocks' per-pass state. Eager even inside ``torch.compile(model)``:
+        the plan depends on pixel values, its host sync sizes the token tensors, and the
+        branches on it (dense or not, cls slots) would otherwise each be a guard."""
+        layout = self.planner(images)                                     # 1-2. scores -> levels -> layout
+        prefix = ImagePrefix.build(layout) if self.cls_token is not None else None
+        x = self.embed(images, layout, prefix)                            # 3. (N, C) tokens [+ B cls slots]
+        if compiled:
+            torch._dynamo.maybe_mark_dynamic(x, 0)
+        return layout, x, self.block_context(layout, prefix, x, compiled)
 
     def embed(self, images: torch.Tensor, layout: PatchLayout, prefix: ImagePrefix | None = None) -> torch.Tensor:
         """Stage 3: ``(N, C)`` tokens with position embeddings; with a ``prefix``, ``(N + B, C)``
@@ -297,17 +336,27 @@ class APTViT(nn.Module):
             cls = cls + self.pos_embed[0, :1]
         return prefix.insert(x, cls)
 
-    def block_context(self, layout: PatchLayout, prefix: ImagePrefix | None, x: torch.Tensor) -> PackedContext:
+    def block_context(
+        self, layout: PatchLayout, prefix: ImagePrefix | None, x: torch.Tensor, compiled: bool = False
+    ) -> PackedContext:
         """What every block needs in this pass, prepared once: the sequences of both attention
-        kinds, their RoPE tables and the attention backend for ``x``'s device and compute dtype."""
-        backend = self._attention_backend(x.device, _compute_dtype(x))
+        kinds, their RoPE tables and the attention backend for ``x``'s device and compute dtype.
+
+        ``compiled``: the blocks run under ``torch.compile``. The sdpa bucket plans are then
+        built here, outside the graph, and every per-slot tensor is marked dynamic in its
+        first dimension, so that the first compilation already serves every token count.
+        """
+        backend = self._attention_backend(x.device, _compute_dtype(x), compiled)
         images = layout.images if prefix is None else prefix.images
         image = AttentionContext(images, self._rope(images, self.rope_grid), backend)
         window = None
         if layout.windows is not None:
             window = AttentionContext(layout.windows, self._rope(layout.windows, self.window_size), backend)
         slot_image = layout.token_image if prefix is None else prefix.slot_image
-        return PackedContext(slot_image, layout.batch_size, image, window, prefix)
+        ctx = PackedContext(slot_image, layout.batch_size, image, window, prefix)
+        if compiled:
+            _prepare_compiled(ctx, x.device)
+        return ctx
 
     def _rope(self, seqs: PackedSequences, frame_len: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self.block_type != "eva02":
@@ -315,9 +364,9 @@ class APTViT(nn.Module):
         head_dim = self.embed_dim // self.num_heads
         return rope_tables(seqs.positions, head_dim, frame_len, self.rope_pretrain_len, self.rope_theta, seqs.prefix)
 
-    def _attention_backend(self, device: torch.device, dtype: torch.dtype) -> str:
+    def _attention_backend(self, device: torch.device, dtype: torch.dtype, compiled: bool = False) -> str:
         has_bias = self.block_type == "vitdet" and self.use_rel_pos
-        return resolve_backend(self.attention_backend, device, dtype, has_bias, self.embed_dim // self.num_heads)
+        return resolve_backend(self.attention_backend, device, dtype, has_bias, self.embed_dim // self.num_heads, compiled)
 
     # Names the framework adapters and tools still use (issue #9). They go once those call
     # self.planner and forward_features directly.
@@ -351,6 +400,29 @@ class APTViT(nn.Module):
 
     def forward_padded(self, images: torch.Tensor) -> APTOutput:
         return self.forward_features(images)
+
+
+def _prepare_compiled(ctx: PackedContext, device: torch.device) -> None:
+    """Bucket plans built and per-slot tensors marked dynamic (dim 0) before compiled blocks
+    see ``ctx``."""
+    for actx in (ctx.image, ctx.window):
+        if actx is None:
+            continue
+        seqs = actx.seqs
+        if actx.backend == "sdpa" and seqs.ragged:
+            bucket_plan(seqs, device)
+        for tensor in (seqs.positions, seqs.gather, seqs.scatter, seqs.prefix, *(actx.rope or ())):
+            if tensor is not None:
+                torch._dynamo.maybe_mark_dynamic(tensor, 0)
+    torch._dynamo.maybe_mark_dynamic(ctx.slot_image, 0)
+    if ctx.prefix is not None:
+        torch._dynamo.maybe_mark_dynamic(ctx.prefix.token_slot, 0)
+
+
+def _run_block(block: Block, x: torch.Tensor, ctx: PackedContext) -> torch.Tensor:
+    """One block; :meth:`APTViT.compile_blocks` compiles this function, so that the blocks of a
+    kind share one graph (their parameters are graph inputs)."""
+    return block(x, ctx)
 
 
 def _pad_bottom_right(images: torch.Tensor, unit: int) -> torch.Tensor:

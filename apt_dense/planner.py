@@ -157,6 +157,9 @@ class TokenPlanner(nn.Module):
         thresholds with :meth:`plan_scores`)."""
         return self.scorer(self.intensity(images), self.patch_size, self.schedule.num_levels)
 
+    # Planning is host-side work on pixel values and ends in the host sync that sizes every
+    # token tensor: always eager, also when called from compiled code.
+    @torch.compiler.disable
     def forward(self, images: torch.Tensor) -> PatchLayout:
         """Plan a batch of ``(B, C, H, W)`` images, normalised as ``pixel_mean``/``pixel_std``
         say, sides multiples of :attr:`size_divisibility`. One host sync."""

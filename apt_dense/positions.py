@@ -7,10 +7,12 @@ RoPE as EVA-02's ``VisionRotaryEmbeddingFast``, relative positions as detectron2
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ["rope_tables", "apply_rope", "half_step_rel_pos", "decomposed_rel_pos_bias"]
+__all__ = ["rope_tables", "apply_rope", "half_step_rel_pos", "decomposed_rel_pos_bias", "RelPosBias"]
 
 
 def rope_tables(
@@ -106,3 +108,23 @@ def decomposed_rel_pos_bias(
         term = q_dot.gather(-1, index.unsqueeze(1).expand(-1, q.shape[1], -1, -1))
         bias = term if bias is None else bias + term
     return bias
+
+
+@dataclass(eq=False)
+class RelPosBias:
+    """The decomposed relative-position bias of one attention layer over packed slots, as a
+    ``(slot_index (n, L), q (n, H, L, D)) -> (n, H, L, L)`` bias function; slot index ``T``
+    (one past the last slot) is padding.
+
+    A dataclass of tensors rather than a closure, so that compiled attention can hand it to its
+    custom op (:mod:`apt_dense.attention`) field by field.
+    """
+
+    rel_pos_h: torch.Tensor
+    rel_pos_w: torch.Tensor
+    positions: torch.Tensor  # (T, 2) slot centres in the frame
+    frame_size: tuple[int, int]
+
+    def __call__(self, slots: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        positions = torch.cat([self.positions, self.positions.new_zeros(1, 2)])
+        return decomposed_rel_pos_bias(q, positions[slots], self.rel_pos_h, self.rel_pos_w, self.frame_size)
