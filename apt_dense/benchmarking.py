@@ -11,8 +11,10 @@ from pathlib import Path
 
 import torch
 
+from .planner import TokenPlanner
+
 __all__ = [
-    "timed_call", "time_side_by_side", "backbone_flops", "build_model_pair", "patching_model",
+    "timed_call", "time_side_by_side", "backbone_flops", "build_model_pair", "build_planner",
     "positive_int", "non_negative_int", "non_negative_float", "unit_fraction", "thresholds_json", "existing_folder",
 ]
 
@@ -85,7 +87,7 @@ def build_model_pair(host: str, thresholds, *, seed: int = 0, **overrides):
     return apt, dense
 
 
-def patching_model(
+def build_planner(
     thresholds: Mapping[int, float],
     *,
     img_size: int,
@@ -94,26 +96,22 @@ def patching_model(
     scorer: str = "entropy",
     pixel_mean=None,
     pixel_std=None,
-):
-    """A one-block, 8-dim :class:`APTViT` with the given patching: its layouts (tokens kept,
-    patch sizes) are those of any host with the same patch size, thresholds and windows, and
-    building it runs APTViT's own checks of those arguments. Weights play no part in patching.
+) -> TokenPlanner:
+    """The :class:`TokenPlanner` of any host with this patch size, thresholds and windows (weights
+    play no part in patching), for tools that only look at layouts.
 
     Raises:
         ValueError: naming the problem, for bad thresholds, a window that is not a multiple of
             the largest patch, or an ``img_size`` that is not a multiple of it.
     """
-    from .model import APTViT
-
-    model = APTViT(img_size=img_size, patch_size=patch_size, embed_dim=8, depth=1, num_heads=1,
-                   window_size=window_size, window_block_indexes=(0,) if window_size else (), use_abs_pos=False,
-                   thresholds=thresholds, scorer=scorer, pixel_mean=pixel_mean, pixel_std=pixel_std).eval()
-    unit = model.size_divisibility
+    planner = TokenPlanner(patch_size=patch_size, thresholds=thresholds, window_size=window_size, scorer=scorer,
+                           pixel_mean=pixel_mean, pixel_std=pixel_std)
+    unit = planner.size_divisibility
     if img_size % unit:
         lower, upper = img_size // unit * unit, -(-img_size // unit) * unit
         raise ValueError(f"size {img_size} px is not a multiple of the largest patch ({unit} px) of thresholds "
-                         f"{model.schedule.threshold_map()}; use " + (f"{lower} or {upper}" if lower else f"{upper}"))
-    return model
+                         f"{planner.schedule.threshold_map()}; use " + (f"{lower} or {upper}" if lower else f"{upper}"))
+    return planner
 
 
 # Argument types for the tools' argparse parsers: a bad value becomes a one-line usage error.
@@ -146,7 +144,7 @@ def unit_fraction(text: str) -> float:
 
 def thresholds_json(text: str) -> dict[int, float]:
     """``'{"32": 2, "64": 2, "128": 0.3}'`` -> ``{32: 2.0, 64: 2.0, 128: 0.3}``. Whether the sizes
-    fit the patch size, windows and canvas is checked later, by :func:`patching_model`."""
+    fit the patch size, windows and canvas is checked later, by :func:`build_planner`."""
     example = '\'{"32": 2, "64": 2, "128": 0.3}\''
     try:
         value = json.loads(text)

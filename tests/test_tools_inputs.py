@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from apt_dense.benchmarking import patching_model
+from apt_dense.benchmarking import build_planner
 from apt_dense.presets import IMAGENET_PIXEL_MEAN
 from apt_dense.sample_images import iter_image_folder, letterbox, load_image_folder, read_image
 from apt_dense.visualize import COARSE_COLORS, FONT_SIZE, LINE_HEIGHT, TILE_GAP, patch_map, patch_map_sheet
@@ -155,10 +155,10 @@ def test_folder_without_readable_images_is_an_error_before_measuring(tmp_path, c
 
 
 def small_maps(photos, size=256, tile=160):
-    model = patching_model({32: 2.0, 64: 2.0, 128: 0.3}, img_size=size)
+    planner = build_planner({32: 2.0, 64: 2.0, 128: 0.3}, img_size=size)
     raw = torch.stack([letterbox(p, size, IMAGENET_PIXEL_MEAN)[0] for p in photos[:3]])
-    layout = model.build_layout(raw)
-    return raw, layout, [patch_map(raw[i], layout, i, model.schedule.patch_sizes, f"photo {i}", tile) for i in range(3)]
+    layout = planner(raw)
+    return raw, layout, [patch_map(raw[i], layout, i, planner.schedule.patch_sizes, f"photo {i}", tile) for i in range(3)]
 
 
 def test_patch_map_colours_coarse_patches_and_keeps_the_photo(photos):

@@ -30,7 +30,7 @@ import torch
 
 from apt_dense.attention import BACKENDS
 from apt_dense.benchmarking import (
-    backbone_flops, build_model_pair, existing_folder, non_negative_float, non_negative_int, patching_model,
+    backbone_flops, build_model_pair, existing_folder, non_negative_float, non_negative_int, build_planner,
     positive_int, thresholds_json, time_side_by_side,
 )
 from apt_dense.presets import APT_SETTINGS, HOSTS, IMAGENET_PIXEL_MEAN, IMAGENET_PIXEL_STD
@@ -90,7 +90,7 @@ def check(args) -> None:
     window = (args.window or host.get("window_size", 0)) if host.get("window_block_indexes") else 0
     for thresholds in configurations(args):
         try:
-            patching_model(thresholds, img_size=args.size, patch_size=host["patch_size"], window_size=window)
+            build_planner(thresholds, img_size=args.size, patch_size=host["patch_size"], window_size=window)
         except ValueError as err:
             raise ValueError(f"configuration {thresholds}: {err}") from None
 
@@ -197,7 +197,7 @@ def head_flops(segmentor, images: torch.Tensor) -> float:
 
 def time_layout(model, images, repeats: int, device: torch.device) -> float:
     """Median seconds of scoring + selection + packing for one batch."""
-    return time_side_by_side({"layout": lambda: model.build_layout(images)}, device, warmup=0, repeats=repeats)["layout"]
+    return time_side_by_side({"layout": lambda: model.planner(images)}, device, warmup=0, repeats=repeats)["layout"]
 
 
 def peak_memory(fn, device: torch.device) -> float | None:
@@ -318,8 +318,8 @@ def main(argv=None) -> int:
                 with autocast:
                     return call()
 
-            layouts = [apt.build_layout(x) for x in batches]
-            dense_layouts = [dense.build_layout(x) for x in batches]
+            layouts = [apt.planner(x) for x in batches]
+            dense_layouts = [dense.planner(x) for x in batches]
             kept = np.concatenate([layout.kept_fraction for layout in layouts])
             ideal = (sum(backbone_flops(apt, d) for d in dense_layouts) + head) / (
                 sum(backbone_flops(apt, a) for a in layouts) + head

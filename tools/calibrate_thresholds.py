@@ -22,12 +22,11 @@ from pathlib import Path
 import torch
 
 from apt_dense.benchmarking import (
-    existing_folder, patching_model, positive_int, thresholds_json, unit_fraction,
+    existing_folder, build_planner, positive_int, thresholds_json, unit_fraction,
 )
-from apt_dense.layout import build_layout, select_levels
+from apt_dense.planner import TokenPlanner
 from apt_dense.presets import APT_SETTINGS, IMAGENET_PIXEL_MEAN
 from apt_dense.sample_images import image_files, iter_image_folder, letterbox, load_sample_photos
-from apt_dense.scoring import to_intensity
 
 DEFAULT_CURVE = Path("outputs/threshold_curve.png")
 
@@ -62,12 +61,12 @@ def parse_args(argv=None):
 
 
 def patching(args):
-    """A stand-in model with the base thresholds: it validates them and scores images."""
+    """The planner with the base thresholds: it validates them and scores images."""
     base = args.base or APT_SETTINGS[args.setting]
-    return patching_model(base, img_size=args.size, patch_size=args.patch_size, scorer=args.scorer)
+    return build_planner(base, img_size=args.size, patch_size=args.patch_size, scorer=args.scorer)
 
 
-def image_scores(args, model) -> tuple[list[list[torch.Tensor]], bool]:
+def image_scores(args, planner: TokenPlanner) -> tuple[list[list[torch.Tensor]], bool]:
     """Per-level scores of each image, and whether Ctrl-C stopped the scoring early."""
     if args.images:
         total = min(len(image_files(args.images)), args.limit or sys.maxsize)
@@ -80,8 +79,7 @@ def image_scores(args, model) -> tuple[list[list[torch.Tensor]], bool]:
     try:
         for index, (_, image) in enumerate(photos, start=1):
             raw, _ = letterbox(image, args.size, IMAGENET_PIXEL_MEAN)
-            gray = to_intensity(raw.unsqueeze(0))
-            scores.append(model.scorer(gray, args.patch_size, model.schedule.num_levels))
+            scores.append(planner.scores(raw.unsqueeze(0)))
             if index % every == 0 or index == total:
                 print(f"scored {index}/{total} images", flush=True)
     except KeyboardInterrupt:
@@ -90,25 +88,22 @@ def image_scores(args, model) -> tuple[list[list[torch.Tensor]], bool]:
     return scores, False
 
 
-def kept_fraction(scores: list[list[torch.Tensor]], thresholds: tuple[float, ...]) -> float:
-    fractions = []
-    for per_level in scores:
-        level = select_levels(per_level, thresholds)
-        layout, _ = build_layout(level, batch_size=1, grid_size=tuple(level.shape[1:]), window_size=0,
-                                 device=level.device)
-        fractions.extend(layout.kept_fraction)
+def kept_fraction(scores: list[list[torch.Tensor]], thresholds: dict[int, float], patch_size: int) -> float:
+    """Mean fraction of tokens kept over the scored images under ``thresholds``."""
+    planner = TokenPlanner(patch_size=patch_size, thresholds=thresholds)
+    fractions = [f for per_level in scores for f in planner.plan_scores(per_level).kept_fraction]
     return sum(fractions) / len(fractions)
 
 
-def calibrate(scores, base: tuple[float, ...], target: float, steps: int = 30) -> float:
+def calibrate(scores, base: dict[int, float], patch_size: int, target: float, steps: int = 30) -> float:
     """The smallest scale (to 4 decimals) whose thresholds keep at most ``target`` (bisection:
     the kept fraction falls as the scale grows). Capped at 10^4 when no scale gets that low."""
     low, high = 0.0, 1.0
-    while kept_fraction(scores, tuple(b * high for b in base)) > target and high < 1e4:
+    while kept_fraction(scores, scaled(base, high), patch_size) > target and high < 1e4:
         high *= 2
     for _ in range(steps):
         mid = (low + high) / 2
-        if kept_fraction(scores, tuple(b * mid for b in base)) > target:
+        if kept_fraction(scores, scaled(base, mid), patch_size) > target:
             low = mid
         else:
             high = mid
@@ -171,10 +166,10 @@ def plot_curve(path: Path, result: dict, setting: str) -> bool:
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    model = patching(args)
-    base_map, base = model.schedule.threshold_map(), model.schedule.thresholds
+    planner = patching(args)
+    base_map = planner.schedule.threshold_map()
     setting = "given" if args.base else f"the paper's {args.setting} setting"
-    scores, interrupted = image_scores(args, model)
+    scores, interrupted = image_scores(args, planner)
     if not scores:
         return 130
     result: dict = {"base": {str(k): v for k, v in base_map.items()}, "images": len(scores), "size": args.size,
@@ -183,9 +178,9 @@ def main(argv=None) -> int:
         result["interrupted"] = "while scoring: results cover the images scored before Ctrl-C"
     try:
         if args.target is not None:
-            scale = calibrate(scores, base, args.target)
+            scale = calibrate(scores, base_map, args.patch_size, args.target)
             thresholds = scaled(base_map, scale)
-            kept = kept_fraction(scores, tuple(thresholds.values()))
+            kept = kept_fraction(scores, thresholds, args.patch_size)
             result.update(target=args.target, scale=scale, thresholds={str(k): v for k, v in thresholds.items()},
                           kept=round(kept, 4))
             print(f"scale {scale:g}: thresholds {thresholds} keep {kept:.1%} of tokens (target {args.target:.1%})")
@@ -193,7 +188,7 @@ def main(argv=None) -> int:
             result["curve"] = []
             print(f"{'scale':>7}  {'kept':>6}  thresholds")
             for s in curve_scales(result.get("scale")):
-                kept = kept_fraction(scores, tuple(b * s for b in base))
+                kept = kept_fraction(scores, scaled(base_map, s), args.patch_size)
                 result["curve"].append({"scale": s, "thresholds": {str(k): v for k, v in scaled(base_map, s).items()},
                                         "kept": round(kept, 4)})
                 marks = [m for m, hit in (("base: " + setting, s == 1.0), ("chosen", s == result.get("scale"))) if hit]

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from apt_dense import APTViT
+from apt_dense import APTViT, TokenPlanner
 from apt_dense.benchmarking import (
-    backbone_flops, build_model_pair, non_negative_float, patching_model, positive_int, timed_call,
+    backbone_flops, build_model_pair, non_negative_float, build_planner, positive_int, timed_call,
 )
 from apt_dense.presets import APT_SETTINGS, HOSTS, IMAGENET_PIXEL_MEAN, IMAGENET_PIXEL_STD
 from apt_dense.sample_images import letterbox, load_sample_photos, normalise
@@ -59,10 +59,10 @@ def host_window(args) -> int:
     return (args.window or host.get("window_size", 0)) if host.get("window_block_indexes") else 0
 
 
-def patching(args) -> APTViT:
-    """A stand-in with the host's patching, on raw 0..255 pixels (layouts without the big model)."""
-    return patching_model(APT_SETTINGS[args.setting], img_size=args.size, patch_size=HOSTS[args.host]["patch_size"],
-                          window_size=host_window(args))
+def patching(args) -> TokenPlanner:
+    """The host's planner on raw 0..255 pixels: layouts without the big model."""
+    return build_planner(APT_SETTINGS[args.setting], img_size=args.size, patch_size=HOSTS[args.host]["patch_size"],
+                         window_size=host_window(args))
 
 
 def build_models(args) -> tuple[APTViT, APTViT]:
@@ -119,18 +119,18 @@ def main(argv=None) -> int:
     raw = torch.stack([letterbox(photo, args.size, IMAGENET_PIXEL_MEAN)[0] for photo in photos.values()])
 
     # 1. Tokens kept and the patch map: patching needs no big model.
-    stand_in = patching(args)
-    layout = stand_in.build_layout(raw)
+    planner = patching(args)
+    layout = planner(raw)
     cells = layout.grid_size[0] * layout.grid_size[1]
     kept = layout.kept_fraction
-    thresholds = stand_in.schedule.threshold_map()
-    print(f"{describe_host(args)} at {args.size}x{args.size}; patch sizes {stand_in.schedule.patch_sizes}, "
+    thresholds = planner.schedule.threshold_map()
+    print(f"{describe_host(args)} at {args.size}x{args.size}; patch sizes {planner.schedule.patch_sizes}, "
           f"thresholds {thresholds} (the paper's {args.setting} setting)")
     print(f"{'photo':<20}{'tokens':>8}{'dense':>8}{'kept':>8}")
     for name, tokens, fraction in zip(names, layout.tokens_per_image_host, kept):
         print(f"{name:<20}{tokens:>8}{cells:>8}{fraction:>8.1%}")
     print(f"{'mean':<20}{'':>16}{sum(kept) / len(kept):>8.1%}")
-    maps = [patch_map(raw[i], layout, i, stand_in.schedule.patch_sizes, name) for i, name in enumerate(names)]
+    maps = [patch_map(raw[i], layout, i, planner.schedule.patch_sizes, name) for i, name in enumerate(names)]
     title = (f"APT patch sizes on scikit-image photos letterboxed to {args.size} px, thresholds {thresholds} "
              f"(the paper's {args.setting} setting)")
     sheet = patch_map_sheet(maps, columns=3, title=title,
@@ -175,7 +175,7 @@ def main(argv=None) -> int:
             apt_s = timed_call(lambda: apt(x), device)
             cpu_seconds["apt"] += time.process_time() - cpu
             # Ideal speedup: the ratio of block FLOPs for the tokens kept.
-            photo_flops = {side: backbone_flops(model, model.build_layout(x))
+            photo_flops = {side: backbone_flops(model, model.planner(x))
                            for side, model in (("dense", dense), ("apt", apt))}
             ideal = photo_flops["dense"] / photo_flops["apt"]
             print(f"{apt_s:>8.2f}{dense_s / apt_s:>8.2f}x{ideal:>7.2f}x", flush=True)

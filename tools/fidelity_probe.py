@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from apt_dense.benchmarking import build_model_pair
-from apt_dense.checkpoints import is_apt_layer, is_recomputed_buffer
+from apt_dense.checkpoints import load_state_dict_checked, read_checkpoint, unwrap_state_dict
 from apt_dense.presets import APT_SETTINGS, HOSTS, IMAGENET_PIXEL_MEAN, IMAGENET_PIXEL_STD
 from apt_dense.sample_images import letterbox, load_image_folder, load_sample_photos, normalise
 
@@ -35,26 +36,27 @@ def parse_args(argv=None):
     p.add_argument("--images", type=Path, default=None)
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--output", type=Path, default=None, help="write per-layer numbers as JSON")
+    p.add_argument("--unsafe-load", action="store_true", help="unpickle arbitrary objects in --checkpoint (trusted files only)")
     return p.parse_args(argv)
 
 
-def load_backbone_weights(model, path: Path) -> None:
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    state = state.get("model", state.get("state_dict", state))
+def load_backbone_weights(model, path: Path, allow_pickle: bool = False) -> None:
+    """Backbone weights from a raw, mmseg (``backbone.``) or detectron2 (``backbone.net.``)
+    checkpoint, read as data; shapes must match and only the APT layers may be missing."""
+    state = unwrap_state_dict(read_checkpoint(path, allow_pickle=allow_pickle))
     for prefix in ("backbone.net.", "backbone."):
         if any(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
             break
-    state = {k: v for k, v in state.items() if not is_recomputed_buffer(k)}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not is_apt_layer(k)]
+    missing, unexpected = load_state_dict_checked(model, state)
     if missing or unexpected:
-        raise ValueError(f"checkpoint does not match --host {model.block_type}: missing {missing[:8]}, unexpected {unexpected[:8]}")
+        raise ValueError(f"checkpoint does not match --host: missing {missing[:8]}, unexpected {unexpected[:8]}")
 
 
 @torch.no_grad()
 def main(argv=None) -> int:
     args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     thresholds = ({int(k): float(v) for k, v in json.loads(args.thresholds).items()} if args.thresholds
                   else APT_SETTINGS[args.setting])
     depth = args.depth or HOSTS[args.host]["depth"]
@@ -65,7 +67,10 @@ def main(argv=None) -> int:
     apt, dense = build_model_pair(args.host, thresholds, **overrides)
     if args.checkpoint:
         for model in (apt, dense):
-            load_backbone_weights(model, args.checkpoint)
+            try:
+                load_backbone_weights(model, args.checkpoint, args.unsafe_load)
+            except (OSError, ValueError) as err:
+                raise SystemExit(f"error: {err}") from None
     photos = load_image_folder(args.images, args.limit) if args.images else load_sample_photos()
     sums, kept = torch.zeros(depth), []
     for index, image in enumerate(photos.values(), start=1):

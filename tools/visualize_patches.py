@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from apt_dense.benchmarking import existing_folder, patching_model, positive_int, thresholds_json
+from apt_dense.benchmarking import existing_folder, build_planner, positive_int, thresholds_json
 from apt_dense.presets import APT_SETTINGS, IMAGENET_PIXEL_MEAN
 from apt_dense.sample_images import image_files, iter_image_folder, letterbox, load_sample_photos
 from apt_dense.visualize import patch_map, patch_map_sheet
@@ -50,16 +50,16 @@ def parse_args(argv=None):
 
 
 def patching(args):
-    """A stand-in model with the requested patching, on raw 0..255 pixels."""
+    """The planner with the requested patching, on raw 0..255 pixels."""
     thresholds = args.thresholds or APT_SETTINGS[args.setting]
-    return patching_model(thresholds, img_size=args.size, patch_size=args.patch_size, scorer=args.scorer)
+    return build_planner(thresholds, img_size=args.size, patch_size=args.patch_size, scorer=args.scorer)
 
 
 @torch.no_grad()
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    model = patching(args)
+    planner = patching(args)
     if args.images:
         total = min(len(image_files(args.images)), args.limit or sys.maxsize)
         photos = iter_image_folder(args.images, args.limit)
@@ -72,8 +72,8 @@ def main(argv=None) -> int:
     try:
         for index, (name, image) in enumerate(photos, start=1):
             raw, _ = letterbox(image, args.size, IMAGENET_PIXEL_MEAN)
-            layout = model.build_layout(raw.unsqueeze(0))
-            maps.append(patch_map(raw, layout, 0, model.schedule.patch_sizes, name, args.tile))
+            layout = planner(raw.unsqueeze(0))
+            maps.append(patch_map(raw, layout, 0, planner.schedule.patch_sizes, name, args.tile))
             kept = layout.tokens_per_image_host[0]
             rows.append((name, kept, cells, round(kept / cells, 4)))
             print(f"[{index}/{total}] {name}: {kept}/{cells} tokens ({kept / cells:.1%})", flush=True)
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
         print(f"interrupted: writing the {len(rows)} images done so far")
     if not rows:
         return 130
-    title = (f"APT patch sizes at {args.size} px, thresholds {model.schedule.threshold_map()}, "
+    title = (f"APT patch sizes at {args.size} px, thresholds {planner.schedule.threshold_map()}, "
              f"{args.scorer} scorer")
     notes = ["the canvas below or right of an image is letterbox padding"]
     sheet = patch_map_sheet(maps, args.columns, title, notes)
