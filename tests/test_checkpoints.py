@@ -2,6 +2,7 @@
 import collections
 import os
 import pickle
+import random
 
 import numpy as np
 import pytest
@@ -56,13 +57,23 @@ def test_files_that_would_run_code_are_refused_unless_allowed(tmp_path, suffix, 
     assert "unpickled code ran" in capfd.readouterr().out
 
 
-@pytest.mark.parametrize("content", [b"", os.urandom(2000), b"PK\x03\x04 truncated zip"], ids=["empty", "random", "zip"])
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated zip"], ids=["empty", "zip"])
 @pytest.mark.parametrize("suffix", [".pth", ".pkl"])
 def test_corrupt_files_give_a_clear_error(tmp_path, content, suffix):
     path = tmp_path / f"bad{suffix}"
     path.write_bytes(content)
     with pytest.raises(ValueError, match="not a readable checkpoint: it is truncated, corrupt"):
         read_checkpoint(path)
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".pkl"])
+def test_random_bytes_give_a_clear_error(tmp_path, suffix):
+    """Unpicklers fail on random bytes in many ways (IndexError, KeyError, ...): always one message."""
+    path = tmp_path / f"random{suffix}"
+    for seed in range(100):
+        path.write_bytes(random.Random(seed).randbytes(2000))
+        with pytest.raises(ValueError, match="not a readable checkpoint: it is truncated, corrupt"):
+            read_checkpoint(path)
 
 
 @pytest.mark.parametrize("keep", [0.5, 0.05, 30 / 4000], ids=["half", "short", "very-short"])
