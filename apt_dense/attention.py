@@ -154,17 +154,18 @@ class BucketPlan:
     """Padded batches for the ragged case, built once per layout on the host.
 
     ``slots`` holds exactly :data:`MAX_BUCKETS` tensors: ``slots[i]`` is ``(n_i, L_i)`` slot
-    indices of bucket ``i`` (``T`` = a zero padding row), an unused bucket is ``(0, 1)``.
-    ``key_ok[i]`` is bucket ``i``'s ``(n_i, L_i)`` mask of real entries, or ``(0, 1)`` when the
-    bucket has no padding (attention then runs unmasked). ``inverse`` maps each slot to its row
-    in the concatenation of all buckets' padded outputs. Their sizes are unbacked for the
-    compiler (:func:`torch._dynamo.decorators.mark_unbacked`): they only enter the
-    ``apt_dense::bucketed_sdpa`` op, and are never guarded on.
+    indices of bucket ``i`` (``T`` for padding), an unused bucket is ``(0, 1)``. ``key_ok[i]``
+    says which entries are real: an ``(n_i, L_i)`` mask for a padded bucket; ``(0, 1)`` when
+    it has no padding (attention runs unmasked); ``(0, 2)`` when, moreover, it is every slot
+    in order, i.e. all sequences have the same length (q/k/v are viewed, not gathered). The
+    tensors' sizes are unbacked for the compiler
+    (:func:`torch._dynamo.decorators.mark_unbacked`): they only enter the
+    ``apt_dense::bucketed_sdpa`` op and are never guarded on, so neither the bucket shapes nor
+    these cases recompile.
     """
 
     slots: tuple[torch.Tensor, ...]
     key_ok: tuple[torch.Tensor, ...]
-    inverse: torch.Tensor
 
 
 def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -219,28 +220,28 @@ def bucket_plan(seqs: PackedSequences, device: torch.device) -> BucketPlan:
     lengths = seqs.lengths
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     total = int(lengths.sum())
-    # Empty entries are (0, 1), not (0, 0): the strides of a used (n, 1) tensor, so the
-    # compiler's contiguity guards on the (fixed) argument lists hold for every plan.
-    def empty(dtype):
-        return _opaque(torch.zeros(0, 1, dtype=dtype, device=device))
 
-    slots, key_ok, flat_slots = [], [], []
-    for group in bucket_groups(lengths):
+    # Empty entries are (0, 1) or (0, 2), never (0, 0): their strides match those of used
+    # entries, so the compiler's contiguity guards on the (fixed) argument lists always hold.
+    def empty(dtype: torch.dtype, width: int = 1) -> torch.Tensor:
+        return _opaque(torch.zeros(0, width, dtype=dtype, device=device))
+
+    slots, key_ok = [], []
+    groups = bucket_groups(lengths)
+    for group in groups:
         width = int(lengths[group].max())
         cols = np.arange(width)
         real = cols[None, :] < lengths[group][:, None]
         index = np.where(real, starts[group][:, None] + cols[None, :], total)
         slots.append(_opaque(_to_device(index.astype(np.int64), device)))
-        key_ok.append(empty(torch.bool) if real.all() else _opaque(_to_device(real, device)))
-        flat_slots.append(index.ravel())
+        if not real.all():
+            key_ok.append(_opaque(_to_device(real, device)))
+        else:  # no padding; a lone bucket then holds every slot in order (the sort is stable)
+            key_ok.append(empty(torch.bool, 2 if len(groups) == 1 else 1))
     unused = MAX_BUCKETS - len(slots)
     slots += [empty(torch.int64) for _ in range(unused)]
     key_ok += [empty(torch.bool) for _ in range(unused)]
-    concat = np.concatenate(flat_slots)
-    valid = np.flatnonzero(concat < total)
-    inverse = np.empty(total, dtype=np.int64)
-    inverse[concat[valid]] = valid
-    plan = BucketPlan(tuple(slots), tuple(key_ok), _opaque(_to_device(inverse, device)))
+    plan = BucketPlan(tuple(slots), tuple(key_ok))
     seqs.cache[key] = plan
     return plan
 
@@ -259,25 +260,31 @@ def _sdpa_bucketed(
     v: torch.Tensor,
     slots: Sequence[torch.Tensor],
     key_ok: Sequence[torch.Tensor],
-    inverse: torch.Tensor,
     bias_fn: BiasFn | None,
 ) -> torch.Tensor:
     t, h, d = q.shape
-    pad = q.new_zeros(1, h, d)
-    qp, kp, vp = (torch.cat([x, pad]) for x in (q, k, v))
-    outputs = []
+    out = q.new_empty(t + 1, h, d)  # row t takes the padded entries' outputs
     for index, real in zip(slots, key_ok):
         n, width = index.shape
         if n == 0:
             continue
-        qb, kb, vb = (x[index].transpose(1, 2) for x in (qp, kp, vp))  # (n, H, L, D)
+        in_order = real.shape == (0, 2)
+        if in_order:
+            qb, kb, vb = (x.view(n, width, h, d).transpose(1, 2) for x in (q, k, v))
+        else:
+            # Padded entries read a real row instead of a zero row (no padded copy of q/k/v):
+            # as keys they are masked, as queries their outputs land in row t.
+            rows = index.clamp(max=t - 1)
+            qb, kb, vb = (x[rows].transpose(1, 2) for x in (q, k, v))  # (n, H, L, D)
         mask = None if bias_fn is None else bias_fn(index, qb)
-        if real.numel():  # padded bucket
+        if real.numel():  # a padded bucket
             real = real.view(n, 1, 1, width)
             mask = real if mask is None else mask.masked_fill(~real, float("-inf"))
-        out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask)
-        outputs.append(out.transpose(1, 2).reshape(n * width, h, d))
-    return torch.cat(outputs)[inverse]
+        result = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask).transpose(1, 2)  # (n, L, H, D)
+        if in_order:
+            return result.reshape(t, h, d)
+        out[index] = result
+    return out[:t]
 
 
 # The ragged sdpa path as one opaque op for compiled graphs. Eager code calls _sdpa_bucketed
@@ -294,17 +301,16 @@ def _bucketed_sdpa_op(
     v: torch.Tensor,
     slots: list[torch.Tensor],
     key_ok: list[torch.Tensor],
-    inverse: torch.Tensor,
     rel_pos_h: torch.Tensor | None,
     rel_pos_w: torch.Tensor | None,
     positions: torch.Tensor | None,
     frame_size: list[int],
 ) -> torch.Tensor:
-    return _sdpa_bucketed(q, k, v, slots, key_ok, inverse, _op_bias(rel_pos_h, rel_pos_w, positions, frame_size))
+    return _sdpa_bucketed(q, k, v, slots, key_ok, _op_bias(rel_pos_h, rel_pos_w, positions, frame_size))
 
 
 @_bucketed_sdpa_op.register_fake
-def _(q, k, v, slots, key_ok, inverse, rel_pos_h, rel_pos_w, positions, frame_size):
+def _(q, k, v, slots, key_ok, rel_pos_h, rel_pos_w, positions, frame_size):
     return torch.empty_like(q)
 
 
@@ -316,7 +322,6 @@ def _bucketed_sdpa_backward_op(
     v: torch.Tensor,
     slots: list[torch.Tensor],
     key_ok: list[torch.Tensor],
-    inverse: torch.Tensor,
     rel_pos_h: torch.Tensor | None,
     rel_pos_w: torch.Tensor | None,
     positions: torch.Tensor | None,
@@ -328,33 +333,31 @@ def _bucketed_sdpa_backward_op(
     tables = () if rel_pos_h is None else (rel_pos_h, rel_pos_w)
 
     def forward(q, k, v, *tables):
-        return _sdpa_bucketed(q, k, v, slots, key_ok, inverse, _op_bias(*(tables or (None, None)), positions, frame_size))
+        return _sdpa_bucketed(q, k, v, slots, key_ok, _op_bias(*(tables or (None, None)), positions, frame_size))
 
     _, vjp = torch.func.vjp(forward, q, k, v, *tables)
     return list(vjp(grad))
 
 
 @_bucketed_sdpa_backward_op.register_fake
-def _(grad, q, k, v, slots, key_ok, inverse, rel_pos_h, rel_pos_w, positions, frame_size):
+def _(grad, q, k, v, slots, key_ok, rel_pos_h, rel_pos_w, positions, frame_size):
     tables = [] if rel_pos_h is None else [torch.empty_like(rel_pos_h), torch.empty_like(rel_pos_w)]
     return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), *tables]
 
 
 def _bucketed_sdpa_setup(ctx, inputs, output):
-    q, k, v, slots, key_ok, inverse, rel_pos_h, rel_pos_w, positions, frame_size = inputs
-    ctx.save_for_backward(q, k, v, inverse, rel_pos_h, rel_pos_w, positions, *slots, *key_ok)
+    q, k, v, slots, key_ok, rel_pos_h, rel_pos_w, positions, frame_size = inputs
+    ctx.save_for_backward(q, k, v, rel_pos_h, rel_pos_w, positions, *slots, *key_ok)
     ctx.frame_size = frame_size
 
 
 def _bucketed_sdpa_grad(ctx, grad):
-    q, k, v, inverse, rel_pos_h, rel_pos_w, positions, *plan = ctx.saved_tensors
+    q, k, v, rel_pos_h, rel_pos_w, positions, *plan = ctx.saved_tensors
     slots, key_ok = plan[:MAX_BUCKETS], plan[MAX_BUCKETS:]
-    grads = _bucketed_sdpa_backward_op(
-        grad, q, k, v, slots, key_ok, inverse, rel_pos_h, rel_pos_w, positions, ctx.frame_size
-    )
+    grads = _bucketed_sdpa_backward_op(grad, q, k, v, slots, key_ok, rel_pos_h, rel_pos_w, positions, ctx.frame_size)
     dq, dk, dv, *tables = grads
     d_rel_h, d_rel_w = tables or (None, None)
-    return dq, dk, dv, [None] * MAX_BUCKETS, [None] * MAX_BUCKETS, None, d_rel_h, d_rel_w, None, None
+    return dq, dk, dv, [None] * MAX_BUCKETS, [None] * MAX_BUCKETS, d_rel_h, d_rel_w, None, None
 
 
 _bucketed_sdpa_op.register_autograd(_bucketed_sdpa_grad, setup_context=_bucketed_sdpa_setup)
@@ -410,7 +413,7 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: PackedSequenc
     if seqs.uniform:
         return _sdpa_uniform(q, k, v, seqs.max_len, _uniform_bias(q, seqs.max_len, bias_fn))
     plan = bucket_plan(seqs, q.device)
-    return _sdpa_bucketed(q, k, v, plan.slots, plan.key_ok, plan.inverse, bias_fn)
+    return _sdpa_bucketed(q, k, v, plan.slots, plan.key_ok, bias_fn)
 
 
 def _sdpa_compiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: PackedSequences, bias_fn: BiasFn | None):
@@ -426,4 +429,4 @@ def _sdpa_compiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: Pack
     plan = seqs.cache.get(_plan_key(q.device)) or bucket_plan(seqs, q.device)
     bias = (None, None, None, [0, 0]) if bias_fn is None else (
         bias_fn.rel_pos_h, bias_fn.rel_pos_w, bias_fn.positions, list(bias_fn.frame_size))
-    return _bucketed_sdpa_op(q, k, v, list(plan.slots), list(plan.key_ok), plan.inverse, *bias)
+    return _bucketed_sdpa_op(q, k, v, list(plan.slots), list(plan.key_ok), *bias)
