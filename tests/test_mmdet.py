@@ -76,7 +76,7 @@ def test_configs_build_from_the_registry(config):
     assert cfg.val_evaluator.type == "CocoMetric" and list(cfg.val_evaluator.metric) == ["bbox", "segm"]
     assert list(cfg.model.backbone.pixel_mean) == list(cfg.model.data_preprocessor.mean) == PIXEL_MEAN
     assert list(cfg.model.backbone.pixel_std) == list(cfg.model.data_preprocessor.std) == PIXEL_STD
-    assert model.backbone.merges == ("dense" not in config)
+    assert model.backbone.planner.merges == ("dense" not in config)
     x = torch.randn(1, 3, 256, 256)
     with torch.no_grad():
         outs = model.neck(model.backbone(x))
@@ -367,3 +367,15 @@ def test_tiny_coco_folder_is_an_mmdet_coco_dataset(tmp_path):
     sample = dataset[0]
     assert tuple(sample["inputs"].shape) == (3, 128, 128)
     assert len(sample["data_samples"].gt_instances) > 0 and sample["data_samples"].gt_instances.masks is not None
+
+
+def test_mmdet_vit_defaults_and_the_mmseg_plugin_side_by_side():
+    """``window_size=0`` makes every block global whatever ``window_block_indexes`` says (mmdet's
+    ViT defaults); the mmseg plugin's ``APTViT`` lives in mmseg's registry, not mmdet's."""
+    backbone = MODELS.build(dict(type="APTViT", img_size=128, embed_dim=64, depth=2, num_heads=2))
+    assert backbone.window_size == 0 and not any(block.use_window for block in backbone.blocks)
+    pytest.importorskip("mmseg")
+    import apt_dense.mmseg  # noqa: F401
+    from mmseg.registry import MODELS as SEG_MODELS
+
+    assert MODELS.get("APTViT") is APTViTDetBackbone and SEG_MODELS.get("APTViT") is apt_dense.mmseg.APTViTSegBackbone
