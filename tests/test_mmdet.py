@@ -10,6 +10,7 @@ from conftest import require_openmmlab
 require_openmmlab("mmcv._ext", "mmcv.ops", "mmdet")
 
 from mmengine.config import Config  # noqa: E402
+from mmengine.registry import DefaultScope  # noqa: E402
 from mmengine.optim import build_optim_wrapper  # noqa: E402
 from mmdet.registry import DATASETS, MODELS  # noqa: E402
 from mmdet.utils import register_all_modules  # noqa: E402
@@ -21,8 +22,9 @@ from apt_dense.mmdet import APTSimpleFPN, APTViTDetBackbone, load_pretrained_bac
 from dense_reference import dense_forward  # noqa: E402
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
-register_all_modules()
+register_all_modules(init_default_scope=False)
 ROOT = Path(__file__).resolve().parents[1]
+
 CONFIGS = ROOT / "configs" / "mmdet"
 VITDET = "apt_vitdet_mask-rcnn_vit-b_1024_coco.py"
 EVA02 = "apt_eva02_cascade-mask-rcnn_vit-l_1536_coco.py"
@@ -30,6 +32,13 @@ ALL_CONFIGS = [VITDET, "dense_vitdet_mask-rcnn_vit-b_1024_coco.py", EVA02,
                "apt_eva02_cascade-mask-rcnn_vit-l_1536_coco_finetune.py", "apt_vitdet_mask-rcnn_tiny_e2e.py"]
 PIXEL_MEAN, PIXEL_STD = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]
 C = 32  # neck / head channels of the tiny models
+
+
+@pytest.fixture(scope="module", autouse=True)
+def mmdet_scope():
+    """Build in mmdet's registry scope; the mmseg tests of the same session use mmseg's."""
+    with DefaultScope.overwrite_default_scope("mmdet"):
+        yield
 
 
 def tiny_cfg(config=VITDET, **backbone):

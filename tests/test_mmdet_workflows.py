@@ -17,17 +17,26 @@ from conftest import require_openmmlab
 require_openmmlab("mmcv._ext", "mmcv.ops", "mmdet")
 
 from mmengine.config import Config  # noqa: E402
+from mmengine.registry import DefaultScope  # noqa: E402
 from mmdet.registry import MODELS  # noqa: E402
 from mmdet.utils import register_all_modules  # noqa: E402
 
 from apt_dense.checkpoints import is_apt_layer, read_checkpoint  # noqa: E402
 from apt_dense.openmmlab.runner import MMENGINE_CHECKPOINT_GLOBALS  # noqa: E402
 
-register_all_modules()
+register_all_modules(init_default_scope=False)
 ROOT = Path(__file__).resolve().parents[1]
+
 TINY = ROOT / "configs" / "mmdet" / "apt_vitdet_mask-rcnn_tiny_e2e.py"
 TRAIN, TEST = str(ROOT / "tools" / "train_det.py"), str(ROOT / "tools" / "test_det.py")
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def mmdet_scope():
+    """Build in mmdet's registry scope; the mmseg tests of the same session use mmseg's."""
+    with DefaultScope.overwrite_default_scope("mmdet"):
+        yield
 
 
 def run(args, distributed=False):
