@@ -106,7 +106,8 @@ class APTViTDetBackbone(CoreAPTViT, BaseModule):
         """Load ``init_cfg``'s checkpoint; without one, keep the initialisation drawn at construction."""
         if self.init_cfg is None:
             print_log(
-                "APTViT: no init_cfg checkpoint; the backbone trains from its random initialisation",
+                "APTViT: no init_cfg checkpoint; the backbone keeps its random initialisation unless "
+                "load_from or resume loads weights",
                 logger="current", level=logging.WARNING,
             )
         else:
