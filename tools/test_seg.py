@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mmengine.dist import is_main_process
 
-from apt_dense.mmseg import APTRunner
+from apt_dense.openmmlab import APTRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_seg import add_runner_args, load_config  # noqa: E402  (same handling as training)

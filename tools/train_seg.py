@@ -17,13 +17,13 @@ import os.path as osp
 
 from mmengine.config import Config, DictAction
 
-from apt_dense.mmseg import APTRunner
+from apt_dense.openmmlab import APTRunner
 
 
 def add_runner_args(p: argparse.ArgumentParser) -> None:
     """Options shared with test_seg.py (mmseg's tools have the same ones)."""
     p.add_argument("--work-dir", help="where logs and checkpoints go (default: ./work_dirs/<config name>)")
-    p.add_argument("--data-root", help="dataset root for the train/val/test dataloaders (an ADE20K-format folder)")
+    p.add_argument("--data-root", help="dataset root for the train/val/test dataloaders (e.g. an ADE20K- or COCO-format folder)")
     p.add_argument("--cfg-options", nargs="+", action=DictAction, help="key=value overrides")
     p.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none")
     p.add_argument("--local_rank", "--local-rank", type=int, default=0)

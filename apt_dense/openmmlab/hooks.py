@@ -29,7 +29,7 @@ def _kept_fraction_over_ranks(stats: TokenStats) -> tuple[float, int]:
 class APTTokenStatsHook(Hook):
     """Logs ``train/apt_kept_fraction`` every iteration and the mean fraction of tokens kept
     over each validation / test run (``val/apt_kept_fraction``, also added to the metrics),
-    both over the images of all ranks."""
+    both over the backbone inputs of all ranks (under slide inference, each crop is one input)."""
 
     priority = "ABOVE_NORMAL"  # before the logger hook, so the metrics carry the fraction
 
@@ -52,10 +52,7 @@ class APTTokenStatsHook(Hook):
         if backbone is None:
             return
         kept, images = _kept_fraction_over_ranks(backbone.token_stats)
-        runner.logger.info(
-            f"APT {mode}: mean fraction of tokens kept {kept:.4f} over {images} backbone inputs "
-            "(slide inference counts each crop)"
-        )
+        runner.logger.info(f"APT {mode}: mean fraction of tokens kept {kept:.4f} over {images} backbone inputs")
         runner.message_hub.update_scalar(f"{mode}/apt_kept_fraction", kept)
         if metrics is not None:
             metrics["apt_kept_fraction"] = kept
