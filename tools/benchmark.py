@@ -27,11 +27,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch._dynamo.testing import CompileCounterWithBackend
 
 from apt_dense.attention import BACKENDS
 from apt_dense.benchmarking import (
     backbone_flops, build_model_pair, existing_folder, non_negative_float, non_negative_int, build_planner,
-    positive_int, thresholds_json, time_side_by_side,
+    positive_int, thresholds_json, time_side_by_side, timed_call,
 )
 from apt_dense.presets import APT_SETTINGS, HOSTS, IMAGENET_PIXEL_MEAN, IMAGENET_PIXEL_STD
 from apt_dense.sample_images import letterbox, load_image_folder, load_sample_photos, normalise
@@ -61,7 +62,12 @@ def parse_args(argv=None):
                         "for detection hosts; the ideal then counts the heads' FLOPs")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
-    p.add_argument("--compile", action="store_true", help="torch.compile the blocks of both sides")
+    p.add_argument("--compile", action="store_true",
+                   help="both sides' blocks through torch.compile (APTViT.compile_blocks, inductor): the first batch "
+                        "compiles and is timed as compile time; later batches that recompile are counted")
+    p.add_argument("--stream", action="store_true",
+                   help="a stream of different batches: every image also as two 60%% crops (3x the images, each "
+                        "batch with its own token counts); use with --batch")
     p.add_argument("--attention-backend", default="auto", choices=BACKENDS, help="APT side's attention kernels")
     p.add_argument("--warmup", type=non_negative_int, default=1, help="untimed runs per side first")
     p.add_argument("--repeats", type=positive_int, default=3, help="timed runs per side (the median counts)")
@@ -105,7 +111,13 @@ def configurations(args) -> list[dict[int, float]]:
 def load_images(args) -> tuple[list[str], torch.Tensor, torch.Tensor]:
     """Names, raw 0..255 letterboxed canvases and their normalised versions ``(N, 3, S, S)``."""
     photos = load_image_folder(args.images, args.limit) if args.images else load_sample_photos()
-    names = list(photos)[: args.limit]
+    photos = {name: photos[name] for name in list(photos)[: args.limit]}
+    if args.stream:
+        for name, photo in list(photos.items()):
+            h, w = photo.shape[:2]
+            photos[f"{name} top-left"] = np.ascontiguousarray(photo[: h * 3 // 5, : w * 3 // 5])
+            photos[f"{name} bottom-right"] = np.ascontiguousarray(photo[h * 2 // 5 :, w * 2 // 5 :])
+    names = list(photos)
     raw = torch.stack([letterbox(photos[name], args.size, IMAGENET_PIXEL_MEAN)[0] for name in names])
     return names, raw, normalise(raw, IMAGENET_PIXEL_MEAN, IMAGENET_PIXEL_STD)
 
@@ -224,15 +236,18 @@ def write_outputs(stem: Path, env: dict, args, rows: list[dict]) -> None:
         f"{env['device']} ({env['threads']} threads), torch {env['torch']}, {args.dtype}, {args.level}, "
         f"{args.host} at {args.size}, {env['date']}",
         "",
-        "| thresholds | tokens kept mean (min-max) | dense img/s | APT img/s | speedup | ideal | achieved/ideal | scoring+layout | peak MiB dense/APT |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| thresholds | tokens kept mean (min-max) | dense img/s | APT img/s | speedup | ideal | achieved/ideal | scoring+layout | peak MiB dense/APT |"
+        + (" compile s dense/APT | recompiles dense/APT |" if args.compile else ""),
+        "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if args.compile else ""),
     ]
     for r in rows:
         mem = "n/a" if r["peak_mib_apt"] is None else f"{r['peak_mib_dense']:.0f}/{r['peak_mib_apt']:.0f}"
+        compiled = (f" {r['dense_compile_s']:.0f}/{r['apt_compile_s']:.0f} | {r['dense_recompiles']}/{r['apt_recompiles']} |"
+                    if args.compile else "")
         lines.append(
             f"| {r['thresholds']} | {r['kept_mean']:.1%} ({r['kept_min']:.1%}-{r['kept_max']:.1%}) | {r['dense_img_s']:.3f} | "
             f"{r['apt_img_s']:.3f} | {r['speedup']:.2f}x | {r['ideal_speedup']:.2f}x | {r['achieved_over_ideal']:.2f} | "
-            f"{r['layout_fraction']:.1%} | {mem} |"
+            f"{r['layout_fraction']:.1%} | {mem} |{compiled}"
         )
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     try:
@@ -300,23 +315,32 @@ def main(argv=None) -> int:
                 apt, dense = apt_model.backbone.net, dense_model.backbone.net
                 inputs = detector_inputs(raw_batches)
                 calls = {name: (lambda m=model: [m(x) for x in inputs]) for name, model in (("apt", apt_model), ("dense", dense_model))}
+                first = {name: (lambda m=model: m(inputs[0])) for name, model in (("apt", apt_model), ("dense", dense_model))}
                 head = flops_of(calls["dense"]) - sum(flops_of(lambda x=x: dense(x)) for x in batches)
             elif args.level == "full":
                 apt_model, dense_model = (m.to(device) for m in build_segmentor_pair(args, thresholds, overrides))
                 apt, dense = apt_model.backbone, dense_model.backbone
                 calls = {name: (lambda m=model: [m._forward(x) for x in batches]) for name, model in (("apt", apt_model), ("dense", dense_model))}
+                first = {name: (lambda m=model: m._forward(batches[0])) for name, model in (("apt", apt_model), ("dense", dense_model))}
                 head = sum(head_flops(dense_model, x) for x in batches)
             else:
                 apt, dense = (m.to(device) for m in build_model_pair(args.host, thresholds, **overrides))
                 calls = {name: (lambda m=model: [m(x) for x in batches]) for name, model in (("apt", apt), ("dense", dense))}
-            if args.compile:
-                for model in (apt, dense):
-                    for block in model.blocks:
-                        block.compile(dynamic=True)
+                first = {name: (lambda m=model: m(batches[0])) for name, model in (("apt", apt), ("dense", dense))}
 
             def run(call):
                 with autocast:
                     return call()
+
+            compiled = {}
+            if args.compile:
+                # Entries of earlier configurations would count towards dynamo's recompile limit.
+                torch._dynamo.reset()
+                for name, model in (("dense", dense), ("apt", apt)):
+                    counter = CompileCounterWithBackend("inductor")
+                    model.compile_blocks(backend=counter)
+                    first_seconds = timed_call(lambda: run(first[name]), device)
+                    compiled[name] = (counter, counter.frame_count, first_seconds)
 
             layouts = [apt.planner(x) for x in batches]
             dense_layouts = [dense.planner(x) for x in batches]
@@ -337,7 +361,11 @@ def main(argv=None) -> int:
                 peak_mib_dense=peak_memory(lambda: run(calls["dense"]), device),
                 peak_mib_apt=peak_memory(lambda: run(calls["apt"]), device),
                 attention=apt.attention_backends(device, DTYPES[args.dtype]), depth=len(apt.blocks), window=apt.window_size,
+                batches=len(batches),
             )
+            for name, (counter, frames, first_seconds) in compiled.items():
+                row[f"{name}_compile_s"] = first_seconds - timed_call(lambda: run(first[name]), device)
+                row[f"{name}_recompiles"] = counter.frame_count - frames
             rows.append(row)
             print(f"[{index}/{len(configs)}] thresholds {row['thresholds']}: kept {row['kept_mean']:.1%}, "
                   f"speedup {row['speedup']:.2f}x (ideal {ideal:.2f}x), scoring+layout {row['layout_fraction']:.1%}")
