@@ -10,8 +10,10 @@ Metrics, tokens kept included, are computed over the images of all processes.
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+from mmengine.config import Config
 from mmengine.dist import is_main_process
 
 from apt_dense.openmmlab import APTRunner
@@ -20,19 +22,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_seg import add_runner_args, load_config  # noqa: E402  (same handling as training)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None, description: str = __doc__):
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config")
-    p.add_argument("checkpoint", help="model weights (an EVA-02 UperNet checkpoint or one trained here)")
+    p.add_argument("checkpoint", help="weights to evaluate: one trained here, or a released one (see the README's Checkpoints)")
     add_runner_args(p)
     args = p.parse_args(argv)
     os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     return args
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
+def main(argv=None, *, description: str = __doc__, prepare: Callable[[Config, argparse.Namespace], None] | None = None) -> dict:
+    """Test; ``prepare(cfg, args)`` adapts the config for a task (tools/test_det.py)."""
+    args = parse_args(argv, description)
     cfg = load_config(args)
+    if prepare is not None:
+        prepare(cfg, args)
     cfg.load_from = args.checkpoint
     cfg.resume = False
     metrics = APTRunner.from_cfg(cfg).test()

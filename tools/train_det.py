@@ -14,18 +14,14 @@ DistributedDataParallel, and a work dir that already holds a run is resumed (``-
 rather than overwritten. Without CUDA, ``--launcher pytorch`` runs on CPU processes with gloo.
 ``--data-root`` also points the COCO evaluators at the dataset's annotation file.
 """
-import argparse
-import os
 import os.path as osp
 import sys
 from pathlib import Path
 
 from mmengine.config import Config
 
-from apt_dense.mmdet import APTRunner
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_seg import add_runner_args, build_config  # noqa: E402  (the options of the mmseg tools)
+import train_seg  # noqa: E402  (the same runner and options as the mmseg tools)
 
 
 def point_evaluators_at_data_root(cfg: Config, args) -> None:
@@ -42,26 +38,13 @@ def point_evaluators_at_data_root(cfg: Config, args) -> None:
         evaluator.ann_file = osp.join(args.data_root, loader.dataset.ann_file)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("config")
-    p.add_argument("--resume", action="store_true", help="resume from the latest checkpoint in the work dir")
-    p.add_argument("--amp", action="store_true", help="automatic mixed precision")
-    add_runner_args(p)
-    args = p.parse_args(argv)
-    os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    return args
-
-
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    cfg = build_config(args)
+def prepare(cfg: Config, args) -> None:
+    """COCO evaluators follow ``--data-root``; ``--unsafe-load`` also applies to the backbone's init_cfg."""
     point_evaluators_at_data_root(cfg, args)
     init_cfg = cfg.model.backbone.get("init_cfg")
     if args.unsafe_load and init_cfg:
         init_cfg.allow_pickle = True
-    APTRunner.from_cfg(cfg).train()
 
 
 if __name__ == "__main__":
-    main()
+    train_seg.main(description=__doc__, prepare=prepare)

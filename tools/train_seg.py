@@ -14,6 +14,7 @@ on CPU processes with gloo.
 import argparse
 import os
 import os.path as osp
+from collections.abc import Callable
 
 from mmengine.config import Config, DictAction
 
@@ -49,8 +50,8 @@ def load_config(args) -> Config:
     return cfg
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None, description: str = __doc__):
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config")
     p.add_argument("--resume", action="store_true", help="resume from the latest checkpoint in the work dir")
     p.add_argument("--amp", action="store_true", help="automatic mixed precision")
@@ -69,8 +70,12 @@ def build_config(args) -> Config:
     return cfg
 
 
-def main(argv=None) -> None:
-    cfg = build_config(parse_args(argv))
+def main(argv=None, *, description: str = __doc__, prepare: Callable[[Config, argparse.Namespace], None] | None = None) -> None:
+    """Train; ``prepare(cfg, args)`` adapts the config for a task (tools/train_det.py)."""
+    args = parse_args(argv, description)
+    cfg = build_config(args)
+    if prepare is not None:
+        prepare(cfg, args)
     APTRunner.from_cfg(cfg).train()
 
 
