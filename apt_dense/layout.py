@@ -25,9 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .schedule import select_levels
 
-__all__ = ["PackedSequences", "PatchLayout", "ImagePrefix", "PendingLayout", "build_layout", "select_levels"]
+__all__ = ["PackedSequences", "PatchLayout", "ImagePrefix", "PendingLayout"]
 
 
 @dataclass(eq=False)
@@ -439,21 +438,3 @@ def _window_sequences(
         max_slots=full,
         ragged=ragged,
     )
-
-
-def build_layout(
-    cell_level: torch.Tensor | None,
-    *,
-    batch_size: int,
-    grid_size: tuple[int, int],
-    window_size: int,
-    device: torch.device,
-) -> tuple[PatchLayout, list[int]]:
-    """The pre-planner entry point, kept for tools/calibrate_thresholds.py (issue #9: it moves to
-    :class:`~apt_dense.planner.TokenPlanner`, then this goes). ``cell_level`` None is a dense
-    layout; returns the layout and an empty list."""
-    if cell_level is None:
-        cell_level = torch.zeros(batch_size, *grid_size, dtype=torch.int64, device=device)
-    pending = PendingLayout.from_levels(cell_level, window_size)
-    *counts, top_level = torch.cat([pending.counts, cell_level.amax().view(1)]).tolist()
-    return pending.pack(counts, num_levels=top_level), []

@@ -31,7 +31,6 @@ from .embedding import AdaptivePatchEmbed, position_embeddings
 from .layout import ImagePrefix, PackedSequences, PatchLayout
 from .planner import TokenPlanner
 from .positions import rope_tables
-from .schedule import thresholds_from_sequence
 
 __all__ = ["APTViT", "APTOutput", "TokenStats", "BLOCK_TYPES"]
 
@@ -93,10 +92,6 @@ class APTViT(nn.Module):
         thresholds: ``{patch_size: threshold}`` for every coarse patch size, e.g.
             ``{32: 2.0, 64: 2.0, 128: 0.3}``; None means base patches only. Keys may be digit
             strings (JSON/YAML configs) and values numpy or 0-d torch scalars.
-        patch_sizes: ``(p, 2p, 4p, ...)`` when ``thresholds`` is the ascending sequence that
-            detectron2's yacs builder passes (converted with
-            :func:`~apt_dense.schedule.thresholds_from_sequence`; this argument goes once the
-            builder converts itself).
         scorer: ``"entropy"`` (default; raw 0..255, 512-bin histogram), ``"laplacian"``,
             ``"upsample_mse"`` or a callable ``(gray, p, K) -> list[Tensor]``.
         scorer_kwargs: options of a named scorer (e.g. ``{"bins": 256}`` for entropy).
@@ -140,8 +135,7 @@ class APTViT(nn.Module):
         rope_theta: float = 10000.0,
         out_indices: Sequence[int] | None = None,
         adaptive: bool = True,
-        thresholds: Mapping[int, float] | Sequence[float] | None = None,
-        patch_sizes: Sequence[int] | None = None,
+        thresholds: Mapping[int, float] | None = None,
         scorer: str | object = "entropy",
         scorer_kwargs: Mapping[str, object] | None = None,
         pixel_mean: Sequence[float] | None = None,
@@ -176,8 +170,6 @@ class APTViT(nn.Module):
         out_indices = (depth - 1,) if out_indices is None else tuple(out_indices)
         if not out_indices or any(not 0 <= i < depth for i in out_indices):
             raise ValueError(f"out_indices {out_indices} must be non-empty block indices below {depth}")
-        if patch_sizes is not None:
-            thresholds = thresholds_from_sequence(thresholds, patch_sizes)
 
         self.patch_size = patch_size
         self.embed_dim = embed_dim
@@ -367,39 +359,6 @@ class APTViT(nn.Module):
     def _attention_backend(self, device: torch.device, dtype: torch.dtype, compiled: bool = False) -> str:
         has_bias = self.block_type == "vitdet" and self.use_rel_pos
         return resolve_backend(self.attention_backend, device, dtype, has_bias, self.embed_dim // self.num_heads, compiled)
-
-    # Names the framework adapters and tools still use (issue #9). They go once those call
-    # self.planner and forward_features directly.
-
-    @property
-    def schedule(self):
-        return self.planner.schedule
-
-    @property
-    def merges(self) -> bool:
-        return self.planner.merges
-
-    @property
-    def scorer(self):
-        return self.planner.scorer
-
-    @property
-    def pixel_mean(self) -> torch.Tensor | None:
-        return self.planner.pixel_mean
-
-    @property
-    def pixel_std(self) -> torch.Tensor | None:
-        return self.planner.pixel_std
-
-    @property
-    def input_format(self) -> str:
-        return self.planner.input_format
-
-    def build_layout(self, images: torch.Tensor) -> PatchLayout:
-        return self.planner(images)
-
-    def forward_padded(self, images: torch.Tensor) -> APTOutput:
-        return self.forward_features(images)
 
 
 def _prepare_compiled(ctx: PackedContext, device: torch.device) -> None:

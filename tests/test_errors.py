@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from apt_dense import APTViT
+from apt_dense.schedule import thresholds_from_sequence
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +60,7 @@ def test_dense_mode_needs_only_patch_multiples():
     "kwargs, match",
     [
         (dict(thresholds={32: 1.0, 64: 1.0}, window_size=6, window_block_indexes=(0,)), "not a multiple of the largest patch"),
-        (dict(thresholds=[1.0, 2.0], patch_sizes=(16, 32)), "exactly 1"),
+        (dict(thresholds=[1.0, 2.0]), "thresholds must be a mapping .*thresholds_from_sequence"),
         (dict(thresholds={32: float("nan")}), "finite"),
         (dict(block_type="swin"), "block_type"),
         (dict(block_type="eva02", use_rel_pos=True), "RoPE"),
@@ -90,7 +91,6 @@ def test_dense_mode_needs_only_patch_multiples():
         (dict(thresholds={32: 1.0, "32": 2.0}), r"patch size 32 twice \(keys 32 and '32'\); keep one"),
         (dict(thresholds={32: "2.0"}), "threshold for 32 px patches must be a real number .* got '2.0'"),
         (dict(thresholds={32: torch.tensor([2.0])}), "must be a real number .* 0-d tensor"),
-        (dict(thresholds=[2.0], patch_sizes=(16, "thirty-two")), "patch_sizes must be a patch size"),
     ],
 )
 def test_bad_construction(kwargs, match):
@@ -98,3 +98,12 @@ def test_bad_construction(kwargs, match):
     args.update(kwargs)
     with pytest.raises((ValueError, TypeError), match=match):
         APTViT(**args)
+
+
+@pytest.mark.parametrize(
+    "thresholds, patch_sizes, match",
+    [([1.0, 2.0], (16, 32), "exactly 1"), ([2.0], (16, "thirty-two"), "patch_sizes must be a patch size")],
+)
+def test_bad_threshold_sequences(thresholds, patch_sizes, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        thresholds_from_sequence(thresholds, patch_sizes)

@@ -3,7 +3,6 @@ import pytest
 import torch
 
 from apt_dense import APTViT, TokenPlanner, thresholds_from_sequence
-from apt_dense.layout import build_layout
 from apt_dense.presets import IMAGENET_PIXEL_MEAN, IMAGENET_PIXEL_STD
 from conftest import photo_batch
 
@@ -67,19 +66,3 @@ def test_thresholds_from_sequence_takes_only_sequences():
     assert thresholds_from_sequence((2.0, 0.3), ("16", 32, 64.0)) == {32: 2.0, 64: 0.3}
     with pytest.raises(TypeError, match="needs no patch_sizes"):
         thresholds_from_sequence({32: 2.0}, (16, 32))
-
-
-def test_names_kept_for_adapters_and_tools(photos):
-    """Issue #9: these go once detectron2/mmseg adapters and tools call the planner and
-    forward_features directly; then this test goes too."""
-    x = photo_batch(photos, 128, count=2)
-    model = APTViT(img_size=128, embed_dim=32, depth=1, num_heads=4, thresholds=(5.0, 5.0), patch_sizes=(16, 32, 64),
-                   input_format="BGR").eval()
-    assert model.schedule.threshold_map() == {32: 5.0, 64: 5.0} and model.merges and model.input_format == "BGR"
-    assert model.scorer is model.planner.scorer and model.pixel_mean is None and model.pixel_std is None
-    same_layout(model.build_layout(x), model.planner(x))
-    with torch.no_grad():
-        torch.testing.assert_close(model.forward_padded(x[..., :100, :]).features[0], model.forward_features(x[..., :100, :]).features[0])
-    planned = model.planner(x)
-    alias, flags = build_layout(planned.cell_level, batch_size=2, grid_size=(8, 8), window_size=0, device=x.device)
-    assert flags == [] and alias.tokens_per_image_host == planned.tokens_per_image_host

@@ -63,16 +63,16 @@ def test_adaptive_switch():
     off.load_state_dict(on.state_dict())
     assert on(x).tokens_per_image.tolist() != [24, 24]
     assert off(x).tokens_per_image.tolist() == [24, 24]
-    assert not off.merges and on.merges
+    assert not off.planner.merges and on.planner.merges
 
 
-def test_forward_padded_any_size_and_token_stats():
+def test_forward_features_any_size_and_token_stats():
     from apt_dense import TokenStats
 
     model = tiny(use_rel_pos=False, block_type="eva02", thresholds={32: 4.0, 64: 4.0}, window_size=4).eval()
     assert model.size_divisibility == 64
     x = torch.rand(2, 3, 80, 100) * 255
-    out = model.forward_padded(x)
+    out = model.forward_features(x)
     assert out.features[0].shape == (2, 32, 5, 7)
     stats = TokenStats()
     stats.update(out.layout)
