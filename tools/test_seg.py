@@ -19,7 +19,7 @@ from mmengine.dist import is_main_process
 from apt_dense.openmmlab import APTRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_seg import add_runner_args, load_config  # noqa: E402  (same handling as training)
+from train_seg import add_runner_args, closing_process_group, load_config  # noqa: E402  (same handling as training)
 
 
 def parse_args(argv=None, description: str = __doc__):
@@ -40,9 +40,10 @@ def main(argv=None, *, description: str = __doc__, prepare: Callable[[Config, ar
         prepare(cfg, args)
     cfg.load_from = args.checkpoint
     cfg.resume = False
-    metrics = APTRunner.from_cfg(cfg).test()
-    if is_main_process():
-        print(", ".join(f"{k}: {float(v):.4f}" for k, v in metrics.items()))
+    with closing_process_group():
+        metrics = APTRunner.from_cfg(cfg).test()
+        if is_main_process():
+            print(", ".join(f"{k}: {float(v):.4f}" for k, v in metrics.items()))
     return metrics
 
 

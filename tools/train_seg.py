@@ -12,10 +12,12 @@ run is resumed (``--resume``) rather than overwritten. Without CUDA, ``--launche
 on CPU processes with gloo.
 """
 import argparse
+import contextlib
 import os
 import os.path as osp
 from collections.abc import Callable
 
+import torch.distributed as torch_dist
 from mmengine.config import Config, DictAction
 
 from apt_dense.openmmlab import APTRunner
@@ -70,13 +72,26 @@ def build_config(args) -> Config:
     return cfg
 
 
+@contextlib.contextmanager
+def closing_process_group():
+    """Destroy the distributed process group before the interpreter exits: left to the exit
+    handlers, gloo's threads can abort the process ("terminate called without an active
+    exception") after a run that succeeded."""
+    try:
+        yield
+    finally:
+        if torch_dist.is_initialized():
+            torch_dist.destroy_process_group()
+
+
 def main(argv=None, *, description: str = __doc__, prepare: Callable[[Config, argparse.Namespace], None] | None = None) -> None:
     """Train; ``prepare(cfg, args)`` adapts the config for a task (tools/train_det.py)."""
     args = parse_args(argv, description)
     cfg = build_config(args)
     if prepare is not None:
         prepare(cfg, args)
-    APTRunner.from_cfg(cfg).train()
+    with closing_process_group():
+        APTRunner.from_cfg(cfg).train()
 
 
 if __name__ == "__main__":
