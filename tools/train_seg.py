@@ -77,11 +77,10 @@ def closing_process_group():
     """Destroy the distributed process group before the interpreter exits: left to the exit
     handlers, gloo's threads can abort the process ("terminate called without an active
     exception") after a run that succeeded."""
-    try:
-        yield
-    finally:
-        if torch_dist.is_initialized():
-            torch_dist.destroy_process_group()
+    yield
+    if torch_dist.is_initialized():
+        torch_dist.barrier()  # no rank tears down while another still talks to it
+        torch_dist.destroy_process_group()
 
 
 def main(argv=None, *, description: str = __doc__, prepare: Callable[[Config, argparse.Namespace], None] | None = None) -> None:
