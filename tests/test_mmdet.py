@@ -388,3 +388,19 @@ def test_mmdet_vit_defaults_and_the_mmseg_plugin_side_by_side():
     from mmseg.registry import MODELS as SEG_MODELS
 
     assert MODELS.get("APTViT") is APTViTDetBackbone and SEG_MODELS.get("APTViT") is apt_dense.mmseg.APTViTSegBackbone
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("host", ["vitdet_b", "eva02_b_det"])  # Mask R-CNN, Cascade Mask R-CNN
+def test_benchmark_full_level_with_mmdet_detectors(tmp_path, host):
+    sys.path.insert(0, str(ROOT / "tools"))
+    import benchmark
+
+    args = ["--host", host, "--size", "128", "--window", "8", "--depth", "1", "--limit", "1", "--repeats", "1",
+            "--warmup", "0", "--thresholds", '{"32": 5, "64": 5}', "--level", "full", "--framework", "mmdet",
+            "--output-dir", str(tmp_path)]
+    assert benchmark.main(args) == 0
+    record = __import__("json").loads((tmp_path / f"{host}-128-full-mmdet-cpu-fp32.json").read_text())
+    row = record["rows"][0]
+    assert row["kept_mean"] < 1.0 and row["ideal_speedup"] > 1.0 and row["speedup"] > 0
+    assert row["depth"] == 1 and row["window"] == 8

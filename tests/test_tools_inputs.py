@@ -114,6 +114,9 @@ def argument_error(parse, argv, capsys) -> str:
     (["--thresholds", '{"32": 2}', "--thresholds", '{"48": 2}'], "configuration {48: 2.0}: thresholds must give"),
     (["--host", "vitdet_b", "--size", "1024", "--setting", "detection"], "window_size 14 cells"),
     (["--attention-backend", "fast"], "invalid choice: 'fast'"),
+    (["--framework", "mmdet"], "--framework chooses the detector for --level full with a detection host"),
+    (["--framework", "mmdet", "--level", "full"], "drop it or add --level full"),
+    (["--host", "vitdet_b", "--framework", "mmseg"], "invalid choice: 'mmseg'"),
 ])
 def test_benchmark_argument_errors_are_one_line(argv, message, capsys):
     assert message in argument_error(benchmark.parse_args, argv, capsys)

@@ -4,15 +4,19 @@
     python tools/benchmark.py                                   # CPU-friendly default sweep
     python tools/benchmark.py --host eva02_l_det --size 1536 --setting detection --device cuda --dtype bf16
     python tools/benchmark.py --host eva02_b_seg --size 512 --level full      # + UperNet (mmseg)
+    python tools/benchmark.py --host vitdet_b --size 1024 --setting detection --level full --framework mmdet
     python tools/benchmark.py --images coco/val2017 --limit 64 --batch 8
 
 Each configuration (a thresholds map) is one row: tokens kept (mean/min/max), img/s of both sides,
 speedup, the ideal speedup for the tokens kept (FLOP ratio), achieved/ideal, time spent in
-scoring + layout, and peak memory (CUDA). The dense side is the same module with adaptive patching
+scoring + layout, and peak memory (CUDA). At the full level, detectors keep every detection up to
+their per-image limit (score threshold 0), so that random weights give the heads the work of a
+trained detector. The dense side is the same module with adaptive patching
 off: no scoring, equal-length sequences, one batched SDPA (flash / memory-efficient kernels), the
 fastest honest dense path. Every argument and configuration is checked before anything is
 measured. Results go to ``<output-dir>/<tag>.{json,md,png}``, by default
-``benchmarks/results/<host>-<size>-<level>-<device>-<dtype>.*``. Ctrl-C stops cleanly and keeps
+``benchmarks/results/<host>-<size>-<level>-<device>-<dtype>.*`` (level ``full-<framework>`` for
+detectors). Ctrl-C stops cleanly and keeps
 the rows measured so far.
 """
 from __future__ import annotations
@@ -58,8 +62,10 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=positive_int, default=None, help="at most this many images")
     p.add_argument("--batch", type=positive_int, default=None, help="images per forward (default: all)")
     p.add_argument("--level", choices=["backbone", "full"], default="backbone",
-                   help="full: the whole model, UperNet (mmseg) for *_seg hosts, Cascade / Mask R-CNN (detectron2) "
+                   help="full: the whole model, UperNet (mmseg) for *_seg hosts, Cascade / Mask R-CNN (--framework) "
                         "for detection hosts; the ideal then counts the heads' FLOPs")
+    p.add_argument("--framework", choices=sorted(DET_CONFIGS), default=None,
+                   help="detector framework for --level full with a detection host (default: detectron2)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     p.add_argument("--compile", action="store_true",
@@ -92,6 +98,9 @@ def check(args) -> None:
         raise ValueError(f"--device {args.device!r} is not a device; use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda, but this torch sees no CUDA device; use --device cpu")
+    if args.framework is not None and (args.level != "full" or args.host not in DET_CONFIGS["detectron2"]):
+        raise ValueError(f"--framework chooses the detector for --level full with a detection host "
+                         f"({', '.join(sorted(DET_CONFIGS['detectron2']))}); drop it or add --level full")
     host = HOSTS[args.host]
     window = (args.window or host.get("window_size", 0)) if host.get("window_block_indexes") else 0
     for thresholds in configurations(args):
@@ -99,6 +108,13 @@ def check(args) -> None:
             build_planner(thresholds, img_size=args.size, patch_size=host["patch_size"], window_size=window)
         except ValueError as err:
             raise ValueError(f"configuration {thresholds}: {err}") from None
+
+
+def level_label(args) -> str:
+    """``backbone``, ``full`` (segmentors) or ``full-<framework>`` (detectors)."""
+    if args.level == "full" and args.host in DET_CONFIGS["detectron2"]:
+        return f"full-{args.framework or 'detectron2'}"
+    return args.level
 
 
 def configurations(args) -> list[dict[int, float]]:
@@ -155,8 +171,22 @@ def build_segmentor_pair(args, thresholds: dict, overrides: dict):
     return models
 
 
-DET_CONFIGS = {"eva02_b_det": "apt_vitdet_b.py", "eva02_l_det": "apt_vitdet_l.py",
-               "vitdet_b": "apt_mask_rcnn_vitdet_b.py", "vitdet_l": "apt_mask_rcnn_vitdet_b.py"}
+DET_CONFIGS = {
+    "detectron2": {"eva02_b_det": "projects/apt_vitdet_b.py", "eva02_l_det": "projects/apt_vitdet_l.py",
+                   "vitdet_b": "projects/apt_mask_rcnn_vitdet_b.py", "vitdet_l": "projects/apt_mask_rcnn_vitdet_b.py"},
+    "mmdet": {"eva02_b_det": "configs/mmdet/apt_eva02_cascade-mask-rcnn_vit-l_1536_coco.py",
+              "eva02_l_det": "configs/mmdet/apt_eva02_cascade-mask-rcnn_vit-l_1536_coco.py",
+              "vitdet_b": "configs/mmdet/apt_vitdet_mask-rcnn_vit-b_1024_coco.py",
+              "vitdet_l": "configs/mmdet/apt_vitdet_mask-rcnn_vit-b_1024_coco.py"},
+}
+
+
+def keep_every_detection(model: torch.nn.Module) -> None:
+    """Score threshold 0 in detectron2's box predictors: random weights score below the usual 0.05,
+    which would leave the mask head idle; a trained detector fills its per-image limit."""
+    for module in model.modules():
+        if hasattr(module, "test_score_thresh"):
+            module.test_score_thresh = 0.0
 
 
 def build_detector_pair(args, thresholds: dict, overrides: dict):
@@ -165,18 +195,14 @@ def build_detector_pair(args, thresholds: dict, overrides: dict):
     try:
         from detectron2.config import LazyConfig, instantiate
     except ImportError:
-        raise SystemExit("--level full for detection hosts needs detectron2 (see README)") from None
+        raise SystemExit("--level full for detection hosts needs detectron2 (see README), or use --framework mmdet") from None
     from apt_dense.presets import host_kwargs
 
-    cfg = LazyConfig.load(str(ROOT / "projects" / DET_CONFIGS[args.host]))
+    cfg = LazyConfig.load(str(ROOT / DET_CONFIGS["detectron2"][args.host]))
     net = {k: v for k, v in host_kwargs(args.host).items() if k not in ("block_type", "norm_layer")}
     net.update(img_size=args.size, thresholds=thresholds, attention_backend=overrides["attention_backend"],
                rope=HOSTS[args.host]["block_type"] == "eva02", drop_path_rate=0.0)
-    for key in ("window_size", "depth"):
-        if key in overrides:
-            net[key] = overrides[key]
-    if "depth" in overrides:
-        net["window_block_indexes"] = [i for i in net["window_block_indexes"] if i < overrides["depth"]]
+    net.update(host_overrides(overrides, net["window_block_indexes"]))
     cfg.model.backbone.net.update(net)
     cfg.model.backbone.square_pad = args.size
     models = []
@@ -184,13 +210,70 @@ def build_detector_pair(args, thresholds: dict, overrides: dict):
         cfg.model.backbone.net.adaptive = adaptive
         torch.manual_seed(0)
         models.append(instantiate(cfg.model).eval())
+        keep_every_detection(models[-1])
     models[1].load_state_dict(models[0].state_dict())
     return models
+
+
+def build_mmdet_detector_pair(args, thresholds: dict, overrides: dict):
+    """``(apt, dense)`` MMDetection detectors from the project's configs (Cascade Mask R-CNN for
+    EVA-02, Mask R-CNN for ViTDet) with the host preset's backbone and a pyramid neck sized for it,
+    same weights, score threshold 0 (see ``keep_every_detection``)."""
+    try:
+        from mmengine.config import Config
+        from mmdet.registry import MODELS
+        from mmdet.utils import register_all_modules
+    except ImportError:
+        raise SystemExit("--level full --framework mmdet needs MMDetection: bash tools/install_openmmlab.sh") from None
+    from apt_dense.presets import host_kwargs
+
+    register_all_modules()
+    import apt_dense.mmdet  # noqa: F401  (registers APTViT, APTSimpleFPN, APTRunner)
+
+    cfg = Config.fromfile(str(ROOT / DET_CONFIGS["mmdet"][args.host]))
+    backbone = {k: v for k, v in host_kwargs(args.host).items() if k != "norm_layer"}
+    backbone.update(img_size=args.size, thresholds=thresholds, attention_backend=overrides["attention_backend"],
+                    drop_path_rate=0.0, init_cfg=None, use_act_checkpoint=False)
+    backbone.update(host_overrides(overrides, backbone["window_block_indexes"]))
+    cfg.model.backbone.update(backbone)
+    dim = backbone["embed_dim"]
+    cfg.model.neck.update(backbone_channel=dim, in_channels=[dim // 4, dim // 2, dim, dim])
+    cfg.model.data_preprocessor.batch_augments[0].size = (args.size, args.size)
+    cfg.model.test_cfg.rcnn.score_thr = 0.0
+    models = []
+    for adaptive in (True, False):
+        cfg.model.backbone.adaptive = adaptive
+        torch.manual_seed(0)
+        models.append(MODELS.build(cfg.model).eval())
+    models[1].load_state_dict(models[0].state_dict())
+    return models
+
+
+def host_overrides(overrides: dict, window_block_indexes) -> dict:
+    """``--window`` / ``--depth`` for a detector backbone (window blocks beyond the depth dropped)."""
+    out = {key: overrides[key] for key in ("window_size", "depth") if key in overrides}
+    if "depth" in overrides:
+        out["window_block_indexes"] = [i for i in window_block_indexes if i < overrides["depth"]]
+    return out
 
 
 def detector_inputs(raw_batches: list[torch.Tensor]) -> list[list[dict]]:
     """detectron2 inputs: raw 0..255 RGB images (the detector normalises and pads them itself)."""
     return [[{"image": image, "height": image.shape[1], "width": image.shape[2]} for image in batch] for batch in raw_batches]
+
+
+def mmdet_inputs(raw_batches: list[torch.Tensor]) -> list[dict]:
+    """MMDetection ``test_step`` batches: raw 0..255 images in BGR channel order, as
+    ``LoadImageFromFile`` gives them (the data preprocessor flips, normalises and pads), and
+    ``DetDataSample``s with the canvas as the original image."""
+    from mmdet.structures import DetDataSample
+
+    def sample(image: torch.Tensor) -> DetDataSample:
+        shape = tuple(image.shape[1:])
+        return DetDataSample(metainfo=dict(img_shape=shape, ori_shape=shape, scale_factor=(1.0, 1.0)))
+
+    return [dict(inputs=[image.flip(0) for image in batch], data_samples=[sample(image) for image in batch])
+            for batch in raw_batches]
 
 
 def flops_of(fn) -> float:
@@ -233,7 +316,7 @@ def write_outputs(stem: Path, env: dict, args, rows: list[dict]) -> None:
     stem.with_suffix(".json").write_text(json.dumps(dict(environment=env, args=vars(args) | {"images": str(args.images),
                                                     "output_dir": str(args.output_dir)}, rows=rows), indent=1))
     lines = [
-        f"{env['device']} ({env['threads']} threads), torch {env['torch']}, {args.dtype}, {args.level}, "
+        f"{env['device']} ({env['threads']} threads), torch {env['torch']}, {args.dtype}, {level_label(args)}, "
         f"{args.host} at {args.size}, {env['date']}",
         "",
         "| thresholds | tokens kept mean (min-max) | dense img/s | APT img/s | speedup | ideal | achieved/ideal | scoring+layout | peak MiB dense/APT |"
@@ -272,7 +355,7 @@ def write_outputs(stem: Path, env: dict, args, rows: list[dict]) -> None:
     ax.axhline(1.0, color="black", lw=0.8)
     ax.set_xlabel("tokens kept (% of dense, mean over images)")
     ax.set_ylabel("speedup over dense (x)")
-    ax.set_title(f"{args.host} at {args.size} px, {args.level}, {env['device']} ({env['threads']} threads), "
+    ax.set_title(f"{args.host} at {args.size} px, {level_label(args)}, {env['device']} ({env['threads']} threads), "
                  f"{args.dtype}, batch {args.batch or 'all'}", fontsize=9)
     ax.invert_xaxis()  # fewer tokens to the right: faster
     ax.grid(alpha=0.3)
@@ -295,7 +378,7 @@ def main(argv=None) -> int:
     batches = [images[i : i + batch].to(device) for i in range(0, len(names), batch)]
     raw_batches = [raw_images[i : i + batch].to(device) for i in range(0, len(names), batch)]
     env = environment(device)
-    stem = args.output_dir / (args.tag or f"{args.host}-{args.size}-{args.level}-{device.type}-{args.dtype}")
+    stem = args.output_dir / (args.tag or f"{args.host}-{args.size}-{level_label(args)}-{device.type}-{args.dtype}")
     autocast = torch.autocast(device.type, dtype=DTYPES[args.dtype], enabled=args.dtype != "fp32")
     overrides = dict(img_size=args.size, pixel_mean=IMAGENET_PIXEL_MEAN, pixel_std=IMAGENET_PIXEL_STD,
                      attention_backend=args.attention_backend)
@@ -310,12 +393,19 @@ def main(argv=None) -> int:
         for index, thresholds in enumerate(configs, start=1):
             # Each side: a zero-argument call that runs every batch, plus its APTViT.
             head = 0.0
-            if args.level == "full" and args.host in DET_CONFIGS:
+            if level_label(args) == "full-detectron2":
                 apt_model, dense_model = (m.to(device) for m in build_detector_pair(args, thresholds, overrides))
                 apt, dense = apt_model.backbone.net, dense_model.backbone.net
                 inputs = detector_inputs(raw_batches)
                 calls = {name: (lambda m=model: [m(x) for x in inputs]) for name, model in (("apt", apt_model), ("dense", dense_model))}
                 first = {name: (lambda m=model: m(inputs[0])) for name, model in (("apt", apt_model), ("dense", dense_model))}
+                head = flops_of(calls["dense"]) - sum(flops_of(lambda x=x: dense(x)) for x in batches)
+            elif level_label(args) == "full-mmdet":
+                apt_model, dense_model = (m.to(device) for m in build_mmdet_detector_pair(args, thresholds, overrides))
+                apt, dense = apt_model.backbone, dense_model.backbone
+                inputs = mmdet_inputs(raw_batches)
+                calls = {name: (lambda m=model: [m.test_step(x) for x in inputs]) for name, model in (("apt", apt_model), ("dense", dense_model))}
+                first = {name: (lambda m=model: m.test_step(inputs[0])) for name, model in (("apt", apt_model), ("dense", dense_model))}
                 head = flops_of(calls["dense"]) - sum(flops_of(lambda x=x: dense(x)) for x in batches)
             elif args.level == "full":
                 apt_model, dense_model = (m.to(device) for m in build_segmentor_pair(args, thresholds, overrides))
