@@ -288,3 +288,35 @@ def test_benchmark_full_level_with_a_detector(tmp_path):
     assert benchmark.main(args) == 0
     row = __import__("json").loads((tmp_path / "det.json").read_text())["rows"][0]
     assert row["ideal_speedup"] >= 1.0 and row["speedup"] > 0
+
+
+@pytest.mark.slow
+def test_detector_blocks_compile_once_for_a_stream():
+    """``model.backbone.net.compile_blocks()`` inside a Cascade Mask R-CNN: batches with different
+    token counts reuse the first batch's graphs, and the pyramid equals the eager one."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    _, model = tiny_detector("apt_vitdet_b.py", image_size=128, thresholds={32: 5.5, 64: 5.5, 128: 0.3})
+    stream = []
+    for seed in range(3):
+        images = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(seed)) * 255
+        images[0, :, : 32 * (seed + 1)] = 30.0  # a different flat area per batch: new token counts
+        stream.append([{"image": image, "height": 128, "width": 128} for image in images])
+    pyramid = lambda inputs: model.backbone(model.preprocess_image(inputs).tensor)  # noqa: E731
+    counter = CompileCounterWithBackend("aot_eager")
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            eager = [pyramid(inputs) for inputs in stream]
+            model.backbone.net.compile_blocks(backend=counter)
+            model(stream[0])
+            frames = counter.frame_count
+            detections = [model(inputs) for inputs in stream[1:]]
+            compiled = [pyramid(inputs) for inputs in stream]
+    finally:
+        torch._dynamo.reset()
+    assert frames > 0 and counter.frame_count == frames, "recompiled for a batch with another token count"
+    assert all("instances" in result for results in detections for result in results)
+    for levels, reference in zip(compiled, eager):
+        for name in reference:
+            torch.testing.assert_close(levels[name], reference[name], atol=1e-4, rtol=1e-4)
