@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from apt_dense.visualize import COARSE_COLORS, LINE_HEIGHT, TILE_GAP
@@ -234,3 +235,16 @@ def test_fidelity_probe_per_layer(tmp_path):
     assert len(result["cosine"]) == 2 and all(0 < c <= 1.0001 for c in result["cosine"])
     assert fidelity_probe.main(["--size", "256", "--depth", "2", "--thresholds", '{"32": 0}', "--output", str(out)]) == 0
     assert json.loads(out.read_text())["cosine"] == pytest.approx([1.0, 1.0], abs=1e-5)
+
+
+def test_benchmark_default_tags_keep_runs_apart():
+    def tag(argv):
+        return benchmark.default_tag(benchmark.parse_args(argv + ["--device", "cpu"]), torch.device("cpu"))
+
+    assert tag([]) == "eva02_b_seg-512-backbone-cpu-fp32"
+    assert tag(["--compile", "--stream", "--batch", "2"]) == "eva02_b_seg-512-backbone-cpu-fp32-compiled-stream"
+    assert tag(["--host", "vitdet_b", "--size", "1024", "--thresholds", '{"32": 2}', "--level", "full"]) == (
+        "vitdet_b-1024-full-detectron2-cpu-fp32")
+    assert tag(["--host", "vitdet_b", "--size", "1024", "--thresholds", '{"32": 2}', "--level", "full",
+                "--framework", "mmdet"]) == "vitdet_b-1024-full-mmdet-cpu-fp32"
+    assert tag(["--level", "full"]) == "eva02_b_seg-512-full-cpu-fp32"

@@ -15,8 +15,8 @@ trained detector. The dense side is the same module with adaptive patching
 off: no scoring, equal-length sequences, one batched SDPA (flash / memory-efficient kernels), the
 fastest honest dense path. Every argument and configuration is checked before anything is
 measured. Results go to ``<output-dir>/<tag>.{json,md,png}``, by default
-``benchmarks/results/<host>-<size>-<level>-<device>-<dtype>.*`` (level ``full-<framework>`` for
-detectors). Ctrl-C stops cleanly and keeps
+``benchmarks/results/<host>-<size>-<level>-<device>-<dtype>[-compiled][-stream].*`` (level
+``full-<framework>`` for detectors). Ctrl-C stops cleanly and keeps
 the rows measured so far.
 """
 from __future__ import annotations
@@ -115,6 +115,13 @@ def level_label(args) -> str:
     if args.level == "full" and args.host in DET_CONFIGS["detectron2"]:
         return f"full-{args.framework or 'detectron2'}"
     return args.level
+
+
+def default_tag(args, device: torch.device) -> str:
+    """``<host>-<size>-<level>-<device>-<dtype>[-compiled][-stream]``: runs that measure different
+    things never overwrite each other's results."""
+    suffixes = [name for name, on in (("compiled", args.compile), ("stream", args.stream)) if on]
+    return "-".join([args.host, str(args.size), level_label(args), device.type, args.dtype, *suffixes])
 
 
 def configurations(args) -> list[dict[int, float]]:
@@ -378,7 +385,7 @@ def main(argv=None) -> int:
     batches = [images[i : i + batch].to(device) for i in range(0, len(names), batch)]
     raw_batches = [raw_images[i : i + batch].to(device) for i in range(0, len(names), batch)]
     env = environment(device)
-    stem = args.output_dir / (args.tag or f"{args.host}-{args.size}-{level_label(args)}-{device.type}-{args.dtype}")
+    stem = args.output_dir / (args.tag or default_tag(args, device))
     autocast = torch.autocast(device.type, dtype=DTYPES[args.dtype], enabled=args.dtype != "fp32")
     overrides = dict(img_size=args.size, pixel_mean=IMAGENET_PIXEL_MEAN, pixel_std=IMAGENET_PIXEL_STD,
                      attention_backend=args.attention_backend)
