@@ -36,6 +36,15 @@ def real_photos():
     return photos
 
 
+@pytest.fixture
+def fresh_dynamo():
+    """Empty compile caches before and after a test: compiled entries of earlier tests would count
+    towards dynamo's recompile limit and hide recompilations."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 @pytest.fixture(scope="session")
 def photos():
     return real_photos()

@@ -16,13 +16,7 @@ from test_attention import make_seqs, naive, qkv
 from test_kernel_contracts import HostConversions, ReferenceVarlenKernel
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    """Every test starts with empty compile caches: compiled entries of earlier tests would count
-    towards dynamo's recompile limit and hide recompilations."""
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def tiny(**kwargs):

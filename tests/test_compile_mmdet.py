@@ -12,6 +12,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 require_openmmlab("mmcv._ext", "mmcv.ops", "mmdet")
 
 from mmengine.config import Config  # noqa: E402
+from mmengine.registry import DefaultScope  # noqa: E402
 from mmdet.registry import MODELS  # noqa: E402
 from mmdet.structures import DetDataSample  # noqa: E402
 from mmdet.utils import register_all_modules  # noqa: E402
@@ -19,22 +20,19 @@ from mmdet.utils import register_all_modules  # noqa: E402
 from test_compile import stream  # noqa: E402
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
-register_all_modules()
+register_all_modules(init_default_scope=False)  # the mmseg tests of the same session use mmseg's scope
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mmdet" / "apt_vitdet_mask-rcnn_tiny_e2e.py"
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def test_detector_blocks_compile_once_for_a_stream():
     cfg = Config.fromfile(str(CONFIG))
     cfg.model.backbone.update(thresholds={32: 5.5})
     torch.manual_seed(0)
-    model = MODELS.build(cfg.model).eval()
+    with DefaultScope.overwrite_default_scope("mmdet"):
+        model = MODELS.build(cfg.model).eval()
 
     def batch(images: torch.Tensor) -> dict:
         shape = tuple(images.shape[-2:])

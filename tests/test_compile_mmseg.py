@@ -21,11 +21,7 @@ register_all_modules()
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "apt_upernet_tiny_e2e.py"
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def tiny_segmentor():

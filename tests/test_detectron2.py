@@ -291,6 +291,7 @@ def test_benchmark_full_level_with_a_detector(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("fresh_dynamo")
 def test_detector_blocks_compile_once_for_a_stream():
     """``model.backbone.net.compile_blocks()`` inside a Cascade Mask R-CNN: batches with different
     token counts reuse the first batch's graphs, and the pyramid equals the eager one."""
@@ -304,17 +305,13 @@ def test_detector_blocks_compile_once_for_a_stream():
         stream.append([{"image": image, "height": 128, "width": 128} for image in images])
     pyramid = lambda inputs: model.backbone(model.preprocess_image(inputs).tensor)  # noqa: E731
     counter = CompileCounterWithBackend("aot_eager")
-    torch._dynamo.reset()
-    try:
-        with torch.no_grad():
-            eager = [pyramid(inputs) for inputs in stream]
-            model.backbone.net.compile_blocks(backend=counter)
-            model(stream[0])
-            frames = counter.frame_count
-            detections = [model(inputs) for inputs in stream[1:]]
-            compiled = [pyramid(inputs) for inputs in stream]
-    finally:
-        torch._dynamo.reset()
+    with torch.no_grad():
+        eager = [pyramid(inputs) for inputs in stream]
+        model.backbone.net.compile_blocks(backend=counter)
+        model(stream[0])
+        frames = counter.frame_count
+        detections = [model(inputs) for inputs in stream[1:]]
+        compiled = [pyramid(inputs) for inputs in stream]
     assert frames > 0 and counter.frame_count == frames, "recompiled for a batch with another token count"
     assert all("instances" in result for results in detections for result in results)
     for levels, reference in zip(compiled, eager):
