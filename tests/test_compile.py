@@ -76,6 +76,13 @@ def test_new_token_counts_do_not_recompile(kwargs, size):
     assert counter.frame_count == kinds  # one graph per kind of block, shared by its blocks
 
 
+def test_new_batch_sizes_do_not_recompile():
+    # tokens of a batch are packed into one sequence: the batch size is one more dynamic length
+    batches = [stream(seed + 1, batch=batch)[seed] for seed, batch in enumerate((2, 1, 3))]
+    counter = assert_stream_compiles_once(tiny(), batches)
+    assert counter.frame_count == 2
+
+
 def test_dense_model_compiles_once():
     # the baseline side: equal-length sequences by construction, a plain batched SDPA in the graph
     model = tiny(adaptive=False)
