@@ -76,9 +76,10 @@ def test_new_token_counts_do_not_recompile(kwargs, size):
     assert counter.frame_count == kinds  # one graph per kind of block, shared by its blocks
 
 
-def test_new_batch_sizes_do_not_recompile():
-    # tokens of a batch are packed into one sequence: the batch size is one more dynamic length
-    batches = [stream(seed + 1, batch=batch)[seed] for seed, batch in enumerate((2, 1, 3))]
+def test_new_batch_and_image_sizes_do_not_recompile():
+    # tokens of a batch are packed into one sequence: batch and image size are more dynamic lengths
+    shapes = [(2, (128, 128)), (1, (128, 256)), (3, (256, 256))]
+    batches = [stream(seed + 1, size, batch)[seed] for seed, (batch, size) in enumerate(shapes)]
     counter = assert_stream_compiles_once(tiny(), batches)
     assert counter.frame_count == 2
 
