@@ -10,11 +10,12 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .planner import TokenPlanner
 
 __all__ = [
-    "timed_call", "time_side_by_side", "backbone_flops", "build_model_pair", "build_planner",
+    "timed_call", "time_side_by_side", "backbone_flops", "build_model_pair", "same_weights_pair", "build_planner",
     "positive_int", "non_negative_int", "non_negative_float", "unit_fraction", "thresholds_json", "existing_folder",
 ]
 
@@ -80,9 +81,15 @@ def build_model_pair(host: str, thresholds, *, seed: int = 0, **overrides):
         windows = HOSTS[host].get("window_block_indexes", ())
         overrides["window_block_indexes"] = tuple(i for i in windows if i < overrides["depth"])
     kwargs = host_kwargs(host, **overrides)
+    return same_weights_pair(lambda adaptive: APTViT(**kwargs, thresholds=thresholds, adaptive=adaptive), seed=seed)
+
+
+def same_weights_pair(build: Callable[[bool], nn.Module], *, seed: int = 0) -> tuple[nn.Module, nn.Module]:
+    """``(apt, dense)`` from ``build(adaptive)`` (a backbone or a whole model holding one), in eval
+    mode, the dense side given the APT side's weights (its APT layers unused)."""
     torch.manual_seed(seed)
-    apt = APTViT(**kwargs, thresholds=thresholds).eval()
-    dense = APTViT(**kwargs, thresholds=thresholds, adaptive=False).eval()
+    apt = build(True).eval()
+    dense = build(False).eval()
     dense.load_state_dict(apt.state_dict())
     return apt, dense
 

@@ -36,7 +36,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from apt_dense.attention import BACKENDS
 from apt_dense.benchmarking import (
     backbone_flops, build_model_pair, existing_folder, non_negative_float, non_negative_int, build_planner,
-    positive_int, thresholds_json, time_side_by_side, timed_call,
+    positive_int, same_weights_pair, thresholds_json, time_side_by_side, timed_call,
 )
 from apt_dense.presets import APT_SETTINGS, HOSTS, IMAGENET_PIXEL_MEAN, IMAGENET_PIXEL_STD
 from apt_dense.sample_images import letterbox, load_image_folder, load_sample_photos, normalise
@@ -169,13 +169,12 @@ def build_segmentor_pair(args, thresholds: dict, overrides: dict):
         backbone.update(depth=depth, out_indices=[max(0, round((i + 1) * depth / 4) - 1) for i in range(4)])
     cfg.model.backbone.update(backbone)
     cfg.model.decode_head.norm_cfg = cfg.model.auxiliary_head.norm_cfg = bn
-    models = []
-    for adaptive in (True, False):
+
+    def build(adaptive: bool):
         cfg.model.backbone.adaptive = adaptive
-        torch.manual_seed(0)
-        models.append(MODELS.build(cfg.model).eval())
-    models[1].load_state_dict(models[0].state_dict())
-    return models
+        return MODELS.build(cfg.model)
+
+    return same_weights_pair(build)
 
 
 DET_CONFIGS = {
@@ -212,14 +211,14 @@ def build_detector_pair(args, thresholds: dict, overrides: dict):
     net.update(host_overrides(overrides, net["window_block_indexes"]))
     cfg.model.backbone.net.update(net)
     cfg.model.backbone.square_pad = args.size
-    models = []
-    for adaptive in (True, False):
+
+    def build(adaptive: bool):
         cfg.model.backbone.net.adaptive = adaptive
-        torch.manual_seed(0)
-        models.append(instantiate(cfg.model).eval())
-        keep_every_detection(models[-1])
-    models[1].load_state_dict(models[0].state_dict())
-    return models
+        model = instantiate(cfg.model)
+        keep_every_detection(model)
+        return model
+
+    return same_weights_pair(build)
 
 
 def build_mmdet_detector_pair(args, thresholds: dict, overrides: dict):
@@ -247,13 +246,12 @@ def build_mmdet_detector_pair(args, thresholds: dict, overrides: dict):
     cfg.model.neck.update(backbone_channel=dim, in_channels=[dim // 4, dim // 2, dim, dim])
     cfg.model.data_preprocessor.batch_augments[0].size = (args.size, args.size)
     cfg.model.test_cfg.rcnn.score_thr = 0.0
-    models = []
-    for adaptive in (True, False):
+
+    def build(adaptive: bool):
         cfg.model.backbone.adaptive = adaptive
-        torch.manual_seed(0)
-        models.append(MODELS.build(cfg.model).eval())
-    models[1].load_state_dict(models[0].state_dict())
-    return models
+        return MODELS.build(cfg.model)
+
+    return same_weights_pair(build)
 
 
 def host_overrides(overrides: dict, window_block_indexes) -> dict:
@@ -289,12 +287,6 @@ def flops_of(fn) -> float:
     with FlopCounterMode(display=False) as counter:
         fn()
     return float(counter.get_total_flops())
-
-
-def head_flops(segmentor, images: torch.Tensor) -> float:
-    """FLOPs of the decode head on ``images``' features (the same for both sides)."""
-    features = segmentor.extract_feat(images)
-    return flops_of(lambda: segmentor.decode_head(features))
 
 
 def time_layout(model, images, repeats: int, device: torch.device) -> float:
@@ -398,32 +390,28 @@ def main(argv=None) -> int:
     print(f"{len(names)} images, {len(configs)} configurations, {env['device']}, torch {env['torch']}")
     try:
         for index, thresholds in enumerate(configs, start=1):
-            # Each side: a zero-argument call that runs every batch, plus its APTViT.
-            head = 0.0
-            if level_label(args) == "full-detectron2":
-                apt_model, dense_model = (m.to(device) for m in build_detector_pair(args, thresholds, overrides))
-                apt, dense = apt_model.backbone.net, dense_model.backbone.net
-                inputs = detector_inputs(raw_batches)
-                calls = {name: (lambda m=model: [m(x) for x in inputs]) for name, model in (("apt", apt_model), ("dense", dense_model))}
-                first = {name: (lambda m=model: m(inputs[0])) for name, model in (("apt", apt_model), ("dense", dense_model))}
-                head = flops_of(calls["dense"]) - sum(flops_of(lambda x=x: dense(x)) for x in batches)
-            elif level_label(args) == "full-mmdet":
-                apt_model, dense_model = (m.to(device) for m in build_mmdet_detector_pair(args, thresholds, overrides))
-                apt, dense = apt_model.backbone, dense_model.backbone
-                inputs = mmdet_inputs(raw_batches)
-                calls = {name: (lambda m=model: [m.test_step(x) for x in inputs]) for name, model in (("apt", apt_model), ("dense", dense_model))}
-                first = {name: (lambda m=model: m.test_step(inputs[0])) for name, model in (("apt", apt_model), ("dense", dense_model))}
-                head = flops_of(calls["dense"]) - sum(flops_of(lambda x=x: dense(x)) for x in batches)
-            elif args.level == "full":
-                apt_model, dense_model = (m.to(device) for m in build_segmentor_pair(args, thresholds, overrides))
-                apt, dense = apt_model.backbone, dense_model.backbone
-                calls = {name: (lambda m=model: [m._forward(x) for x in batches]) for name, model in (("apt", apt_model), ("dense", dense_model))}
-                first = {name: (lambda m=model: m._forward(batches[0])) for name, model in (("apt", apt_model), ("dense", dense_model))}
-                head = sum(head_flops(dense_model, x) for x in batches)
+            # Each level: the pair of models, where their APTViT sits, one step on one batch, the batches.
+            level = level_label(args)
+            if level == "full-detectron2":
+                models = build_detector_pair(args, thresholds, overrides)
+                backbone, step, inputs = (lambda m: m.backbone.net), (lambda m, x: m(x)), detector_inputs(raw_batches)
+            elif level == "full-mmdet":
+                models = build_mmdet_detector_pair(args, thresholds, overrides)
+                backbone, step, inputs = (lambda m: m.backbone), (lambda m, x: m.test_step(x)), mmdet_inputs(raw_batches)
+            elif level == "full":
+                models = build_segmentor_pair(args, thresholds, overrides)
+                backbone, step, inputs = (lambda m: m.backbone), (lambda m, x: m._forward(x)), batches
             else:
-                apt, dense = (m.to(device) for m in build_model_pair(args.host, thresholds, **overrides))
-                calls = {name: (lambda m=model: [m(x) for x in batches]) for name, model in (("apt", apt), ("dense", dense))}
-                first = {name: (lambda m=model: m(batches[0])) for name, model in (("apt", apt), ("dense", dense))}
+                models = build_model_pair(args.host, thresholds, **overrides)
+                backbone, step, inputs = (lambda m: m), (lambda m, x: m(x)), batches
+            sides = dict(zip(("apt", "dense"), (m.to(device) for m in models)))
+            apt, dense = backbone(sides["apt"]), backbone(sides["dense"])
+            # Each side: a zero-argument call that runs every batch, and one that runs the first.
+            calls = {name: (lambda m=model: [step(m, x) for x in inputs]) for name, model in sides.items()}
+            first = {name: (lambda m=model: step(m, inputs[0])) for name, model in sides.items()}
+            # The heads: everything the whole model counts beyond its ViT (the same on both sides).
+            head = 0.0 if args.level == "backbone" else (
+                flops_of(calls["dense"]) - sum(flops_of(lambda x=x: dense(x)) for x in batches))
 
             def run(call):
                 with autocast:
