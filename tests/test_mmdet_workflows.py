@@ -6,9 +6,7 @@ Every run goes through the tools a user runs (``tools/train_det.py``, ``tools/te
 COCO-format folder.
 """
 import re
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,11 +19,10 @@ from mmengine.registry import DefaultScope  # noqa: E402
 from mmdet.registry import MODELS  # noqa: E402
 from mmdet.utils import register_all_modules  # noqa: E402
 
-from apt_dense.checkpoints import is_apt_layer, read_checkpoint  # noqa: E402
-from apt_dense.openmmlab.runner import MMENGINE_CHECKPOINT_GLOBALS  # noqa: E402
+from apt_dense.checkpoints import is_apt_layer  # noqa: E402
+from openmmlab_tool_runs import ROOT, run, weights  # noqa: E402
 
 register_all_modules(init_default_scope=False)
-ROOT = Path(__file__).resolve().parents[1]
 
 TINY = ROOT / "configs" / "mmdet" / "apt_vitdet_mask-rcnn_tiny_e2e.py"
 TRAIN, TEST = str(ROOT / "tools" / "train_det.py"), str(ROOT / "tools" / "test_det.py")
@@ -37,14 +34,6 @@ def mmdet_scope():
     """Build in mmdet's registry scope; the mmseg tests of the same session use mmseg's."""
     with DefaultScope.overwrite_default_scope("mmdet"):
         yield
-
-
-def run(args, distributed=False):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if distributed else [sys.executable]
-    extra = ["--launcher", "pytorch"] if distributed else []
-    result = subprocess.run(launcher + args + extra, capture_output=True, text=True, timeout=900, cwd=ROOT)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    return result
 
 
 @pytest.fixture(scope="module")
@@ -73,11 +62,6 @@ def pretrained(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "vitdet_mask_rcnn_tiny.pth"
     torch.save({"meta": {"mmdet_version": "3.3.0"}, "state_dict": perturbed_state(123)}, path)
     return path
-
-
-def weights(path) -> dict:
-    """The state dict of a checkpoint, read as data (weights only) as APTRunner reads it."""
-    return read_checkpoint(path, safe_globals=MMENGINE_CHECKPOINT_GLOBALS)["state_dict"]
 
 
 def assert_equal_weights(result: dict, expected: dict, *, prefix: str = "") -> None:

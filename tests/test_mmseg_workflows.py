@@ -7,7 +7,6 @@ ADE20K-format folder.
 """
 import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,23 +20,13 @@ from mmengine.config import Config  # noqa: E402
 from mmseg.registry import MODELS  # noqa: E402
 from mmseg.utils import register_all_modules  # noqa: E402
 
-from apt_dense.checkpoints import is_apt_layer, read_checkpoint  # noqa: E402
-from apt_dense.openmmlab.runner import MMENGINE_CHECKPOINT_GLOBALS  # noqa: E402
+from apt_dense.checkpoints import is_apt_layer  # noqa: E402
+from openmmlab_tool_runs import ROOT, run, weights  # noqa: E402
 
 register_all_modules()
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "apt_upernet_tiny_e2e.py"
 TRAIN, TEST = str(ROOT / "tools" / "train_seg.py"), str(ROOT / "tools" / "test_seg.py")
 pytestmark = pytest.mark.slow
-
-
-def run(args, distributed=False, expect_ok=True):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if distributed else [sys.executable]
-    extra = ["--launcher", "pytorch"] if distributed else []
-    result = subprocess.run(launcher + args + extra, capture_output=True, text=True, timeout=900, cwd=ROOT)
-    if expect_ok:
-        assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    return result
 
 
 @pytest.fixture(scope="module")
@@ -63,11 +52,6 @@ def pretrained(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "eva02_upernet_tiny.pth"
     torch.save({"meta": {"mmseg_version": "0.29.1"}, "state_dict": state}, path)
     return path
-
-
-def weights(path) -> dict:
-    """The state dict of a checkpoint, read as data (weights only) as APTRunner reads it."""
-    return read_checkpoint(path, safe_globals=MMENGINE_CHECKPOINT_GLOBALS)["state_dict"]
 
 
 def running_stat(key: str) -> bool:
