@@ -386,6 +386,7 @@ def main(argv=None) -> int:
     if args.depth is not None:
         overrides["depth"] = args.depth
     rows: list[dict] = []
+    head: float | None = None
     configs = configurations(args)
     print(f"{len(names)} images, {len(configs)} configurations, {env['device']}, torch {env['torch']}")
     try:
@@ -409,9 +410,11 @@ def main(argv=None) -> int:
             # Each side: a zero-argument call that runs every batch, and one that runs the first.
             calls = {name: (lambda m=model: [step(m, x) for x in inputs]) for name, model in sides.items()}
             first = {name: (lambda m=model: step(m, inputs[0])) for name, model in sides.items()}
-            # The heads: everything the whole model counts beyond its ViT (the same on both sides).
-            head = 0.0 if args.level == "backbone" else (
-                flops_of(calls["dense"]) - sum(flops_of(lambda x=x: dense(x)) for x in batches))
+            if head is None:
+                # The heads: everything the whole model counts beyond its ViT. The same on both sides
+                # and for every configuration (the dense side does not depend on the thresholds).
+                head = 0.0 if args.level == "backbone" else (
+                    flops_of(calls["dense"]) - sum(flops_of(lambda x=x: dense(x)) for x in batches))
 
             def run(call):
                 with autocast:
