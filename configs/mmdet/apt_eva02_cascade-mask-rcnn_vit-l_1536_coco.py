@@ -4,6 +4,7 @@
 # ViTDet's cascade heads (4 convs + 1 fc with LN, class-agnostic boxes), LSJ at 1536, 60k iterations at
 # batch 128, lr 5e-5, layer decay 0.8. EVA-02's test-time soft-NMS and mask-ness scores are not in mmdet.
 _base_ = ["mmdet::_base_/models/cascade-mask-rcnn_r50_fpn.py", "./_base_/vitdet_lsj_coco.py"]
+from apt_dense.mmdet.pipelines import letterbox_test_pipeline, lsj_train_pipeline  # noqa: E402  (after _base_)
 
 pixel_mean = [123.675, 116.28, 103.53]
 pixel_std = [58.395, 57.12, 57.375]
@@ -67,23 +68,8 @@ model = dict(
     ),
 )
 
-train_pipeline = [
-    dict(type="LoadImageFromFile"),
-    dict(type="LoadAnnotations", with_bbox=True, with_mask=True),
-    dict(type="RandomFlip", prob=0.5),
-    dict(type="RandomResize", scale=image_size, ratio_range=(0.1, 2.0), keep_ratio=True),
-    dict(type="RandomCrop", crop_type="absolute_range", crop_size=image_size, recompute_bbox=True, allow_negative_crop=True),
-    dict(type="FilterAnnotations", min_gt_bbox_wh=(1e-2, 1e-2)),
-    dict(type="Pad", size=image_size, pad_val=dict(img=(114, 114, 114))),
-    dict(type="PackDetInputs"),
-]
-test_pipeline = [
-    dict(type="LoadImageFromFile"),
-    dict(type="Resize", scale=image_size, keep_ratio=True),
-    dict(type="Pad", size=image_size, pad_val=dict(img=(114, 114, 114))),
-    dict(type="LoadAnnotations", with_bbox=True, with_mask=True),
-    dict(type="PackDetInputs", meta_keys=("img_id", "img_path", "ori_shape", "img_shape", "scale_factor")),
-]
+train_pipeline = lsj_train_pipeline(image_size)
+test_pipeline = letterbox_test_pipeline(image_size)
 train_dataloader = dict(batch_size=2, dataset=dict(pipeline=train_pipeline))  # x 64 GPUs
 val_dataloader = dict(dataset=dict(pipeline=test_pipeline))
 test_dataloader = val_dataloader

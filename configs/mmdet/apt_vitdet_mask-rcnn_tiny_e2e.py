@@ -2,6 +2,7 @@
 #   python tools/make_tiny_coco.py /tmp/tiny_coco --images 8
 #   python tools/train_det.py configs/mmdet/apt_vitdet_mask-rcnn_tiny_e2e.py --data-root /tmp/tiny_coco
 _base_ = ["./apt_vitdet_mask-rcnn_vit-b_1024_coco.py"]
+from apt_dense.mmdet.pipelines import letterbox_test_pipeline  # noqa: E402  (after _base_)
 data_root = "data/tiny_coco/"  # or --data-root on the command line
 image_size = (128, 128)
 metainfo = dict(classes=("square", "disc"))
@@ -29,13 +30,7 @@ train_pipeline = [
     dict(type="Pad", size=image_size, pad_val=dict(img=(114, 114, 114))),
     dict(type="PackDetInputs"),
 ]
-test_pipeline = [
-    dict(type="LoadImageFromFile"),
-    dict(type="Resize", scale=image_size, keep_ratio=True),
-    dict(type="Pad", size=image_size, pad_val=dict(img=(114, 114, 114))),
-    dict(type="LoadAnnotations", with_bbox=True, with_mask=True),
-    dict(type="PackDetInputs", meta_keys=("img_id", "img_path", "ori_shape", "img_shape", "scale_factor")),
-]
+test_pipeline = letterbox_test_pipeline(image_size)
 dataset = dict(data_root=data_root, ann_file="instances.json", data_prefix=dict(img="images/"), metainfo=metainfo)
 train_dataloader = dict(batch_size=2, num_workers=0, persistent_workers=False,
                         dataset=dict(pipeline=train_pipeline, **dataset))

@@ -1,29 +1,15 @@
 # ViTDet's COCO instance-segmentation recipe in mmdet (projects/ViTDet/configs/lsj-100e_coco-instance.py:
 # large-scale jitter at 1024, 184375 iterations at batch 64) on APTRunner. Detector configs add the model.
 _base_ = ["mmdet::_base_/datasets/coco_instance.py", "mmdet::_base_/default_runtime.py"]
+from apt_dense.mmdet.pipelines import letterbox_test_pipeline, lsj_train_pipeline  # noqa: E402  (after _base_)
 custom_imports = dict(imports=["apt_dense.mmdet"], allow_failed_imports=False)
 # Loads load_from after weight init, freezes before DDP, resumes safely, runs gloo on CPU.
 runner_type = "APTRunner"
 custom_hooks = [dict(type="APTTokenStatsHook")]
 
 image_size = (1024, 1024)
-train_pipeline = [
-    dict(type="LoadImageFromFile"),
-    dict(type="LoadAnnotations", with_bbox=True, with_mask=True),
-    dict(type="RandomFlip", prob=0.5),
-    dict(type="RandomResize", scale=image_size, ratio_range=(0.1, 2.0), keep_ratio=True),
-    dict(type="RandomCrop", crop_type="absolute_range", crop_size=image_size, recompute_bbox=True, allow_negative_crop=True),
-    dict(type="FilterAnnotations", min_gt_bbox_wh=(1e-2, 1e-2)),
-    dict(type="Pad", size=image_size, pad_val=dict(img=(114, 114, 114))),
-    dict(type="PackDetInputs"),
-]
-test_pipeline = [
-    dict(type="LoadImageFromFile"),
-    dict(type="Resize", scale=image_size, keep_ratio=True),
-    dict(type="Pad", size=image_size, pad_val=dict(img=(114, 114, 114))),
-    dict(type="LoadAnnotations", with_bbox=True, with_mask=True),
-    dict(type="PackDetInputs", meta_keys=("img_id", "img_path", "ori_shape", "img_shape", "scale_factor")),
-]
+train_pipeline = lsj_train_pipeline(image_size)
+test_pipeline = letterbox_test_pipeline(image_size)
 train_dataloader = dict(
     batch_size=4, num_workers=8, batch_sampler=None, dataset=dict(pipeline=train_pipeline))  # x 16 GPUs
 val_dataloader = dict(dataset=dict(pipeline=test_pipeline))
