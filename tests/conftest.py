@@ -7,21 +7,34 @@ import torch
 
 torch.set_num_threads(2)
 
-OPENMMLAB_INSTALL = "run `bash tools/install_openmmlab.sh` (make test does)"
+# How to install each optional integration, by the group name that APT_DENSE_REQUIRE lists.
+INSTALL_HINTS = {
+    "openmmlab": "run `bash tools/install_openmmlab.sh` (make test does)",
+    "detectron2": "detectron2 is not on PyPI: put its source on PYTHONPATH (make test does when "
+                  "../shared/third_party/detectron2 exists) or install it as the README's detectron2 section says",
+    "sam": "pip install -e .[sam] (segment-anything, segment-anything-hq)",
+    "transformers": "pip install -e .[transformers]",
+    "export": "pip install -e .[export] (onnx, onnxruntime, onnxscript)",
+}
 
 
-def require_openmmlab(*modules: str) -> None:
-    """Skip the calling test module when an OpenMMLab package is missing, except under
-    ``make test`` (``APT_DENSE_REQUIRE_OPENMMLAB=1``), where a broken install must fail loudly
-    instead of skipping half the suite."""
+def require(group: str, *modules: str) -> None:
+    """Skip the calling test module when a module of an optional integration cannot be imported,
+    except where ``APT_DENSE_REQUIRE`` names the group (``make test`` names every group it
+    installs): there a broken install must fail loudly instead of skipping part of the suite."""
+    required = os.environ.get("APT_DENSE_REQUIRE", "").replace(",", " ").split()
     for module in modules:
         try:
             importlib.import_module(module)
         except ImportError as err:
-            message = f"{module} cannot be imported ({err}): {OPENMMLAB_INSTALL}"
-            if os.environ.get("APT_DENSE_REQUIRE_OPENMMLAB") == "1":
+            message = f"{module} cannot be imported ({err}): {INSTALL_HINTS[group]}"
+            if group in required or "all" in required:
                 raise ImportError(message) from err
             pytest.skip(message, allow_module_level=True)
+
+
+def require_openmmlab(*modules: str) -> None:
+    require("openmmlab", *modules)
 
 SAMPLE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field")
 

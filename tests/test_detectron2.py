@@ -6,12 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import require
 
-pytest.importorskip(
-    "detectron2",
-    reason="detectron2 is not installed (it is not on PyPI; install it from source as the README's "
-    "detectron2 section says to run these tests)",
-)
+require("detectron2", "detectron2")
 
 from detectron2 import model_zoo  # noqa: E402
 from detectron2.config import LazyConfig, instantiate  # noqa: E402
