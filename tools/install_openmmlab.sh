@@ -2,10 +2,10 @@
 # Install mmsegmentation 1.2.2 and MMDetection 3.3.0 with full mmcv 2.1.0 (compiled ops) into
 # $PYTHON's environment.
 #
-# mmcv 2.1.0 (the last version mmseg 1.2.2 accepts; mmdet 3.3.0 accepts it too) has no wheel for current torch: it is built
-# from its source package once (about 10 minutes on 2 cores), by $PYTHON itself so that it
-# compiles against the torch that will import it, and the wheel is cached per Python and torch
-# version under $APT_DENSE_WHEEL_CACHE (default ~/.cache/apt-dense/wheels). A cached or
+# mmcv 2.1.0 (the last version mmseg 1.2.2 accepts; mmdet 3.3.0 accepts it too) has no wheel for
+# current torch: it is built from its source package once (about 10 minutes on 2 cores), by $PYTHON
+# itself so that it compiles against the torch that will import it (as C++20 where that torch's
+# headers need it), and the wheel is cached per Python and torch version under $APT_DENSE_WHEEL_CACHE (default ~/.cache/apt-dense/wheels). A cached or
 # installed mmcv without its compiled ops (mmcv/_ext) is rebuilt, with a message that says why.
 set -euo pipefail
 PYTHON=${PYTHON:-python3}
@@ -42,18 +42,23 @@ fi
 if [ -z "$wheel" ]; then
     echo "building mmcv 2.1.0 with its ops against ${versions} (about 10 minutes on 2 cores, once; cached in ${cache})"
     build_dir=$(mktemp -d)
-    build() {
-        rm -f "$build_dir"/mmcv-*.whl
-        MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS="${MAX_JOBS:-2}" "$PYTHON" -m pip wheel --no-deps --no-build-isolation \
-            --no-binary mmcv -w "$build_dir" "$@" mmcv==2.1.0
-        wheel=$(ls "$build_dir"/mmcv-2.1.0-*.whl)
-    }
-    build
-    if ! wheel_has_ops "$wheel"; then
-        # pip may have handed back a wheel it built and cached earlier without torch.
-        echo "install_openmmlab.sh: pip's cached mmcv build has no compiled ops; building without pip's cache" >&2
-        build --no-cache-dir
+    # From the source package, unpacked here: a local build is never served from pip's wheel cache
+    # (which once handed back an ops-less build), and its setup.py can be adapted to this torch.
+    "$PYTHON" -m pip download --quiet --no-deps --no-binary mmcv --no-build-isolation -d "$build_dir" mmcv==2.1.0
+    tar -xzf "$build_dir"/mmcv-2.1.0.tar.gz -C "$build_dir"
+    if "$PYTHON" - <<'EOF'
+import pathlib, sys, torch.utils.cpp_extension as ext
+header = pathlib.Path(ext.include_paths()[0], "ATen", "ATen.h").read_text()
+sys.exit(0 if "C++20 or later" in header else 1)
+EOF
+    then
+        # torch >= 2.14's headers need C++20; mmcv 2.1.0's setup.py asks for C++17 (its sources build as C++20).
+        echo "install_openmmlab.sh: this torch needs C++20; building mmcv's ops with -std=c++20"
+        sed -i 's/-std=c++17/-std=c++20/' "$build_dir/mmcv-2.1.0/setup.py"
     fi
+    MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS="${MAX_JOBS:-2}" "$PYTHON" -m pip wheel --no-deps --no-build-isolation \
+        -w "$build_dir" "$build_dir/mmcv-2.1.0"
+    wheel=$(ls "$build_dir"/mmcv-2.1.0-*.whl)
     if ! wheel_has_ops "$wheel"; then
         echo "install_openmmlab.sh: the mmcv build produced no compiled ops; see the compiler output above" >&2
         exit 1
