@@ -255,22 +255,19 @@ def test_hq_mask_generator_same_masks_merging_off(chelsea):
 # --- merging on -------------------------------------------------------------------------------
 
 def test_merging_on_letterboxed_photo_merges_the_padding(canvas_1024, chelsea):
-    dense, _, apt = canvas_1024
+    _, _, apt = canvas_1024
     encoder = apt.image_encoder
     assert encoder.planner.schedule.threshold_map() == APT_SETTINGS["sam"]
-    masks, iou, logits = predict_all(apt, chelsea)[0]
+    predictor = SamPredictor(apt)
+    predictor.set_image(chelsea)
+    masks, iou, logits = predictor.predict(np.array([[200, 150]]), np.array([1]))
     layout = encoder.last_layout
-    kept = layout.tokens_per_image_host[0]
     # 681 of 1024 rows are the photo: cell rows from 44 on (704 px) are padding only, all 32 px.
     assert (layout.cell_level[0, 44:] == 1).all()
-    assert kept < 0.8 * 4096
+    assert layout.tokens_per_image_host[0] < 0.8 * 4096
     assert encoder.token_stats.images >= 1 and 0 < encoder.token_stats.kept_fraction < 1
+    assert predictor.features.shape == (1, 256, 64, 64) and torch.isfinite(predictor.features).all()
     assert masks.shape == (3, 300, 451) and np.isfinite(logits).all() and np.isfinite(iou).all()
-    # The merged encoder still gives embeddings of the host's shape and scale.
-    x = sam_input(chelsea)[0]
-    with torch.no_grad():
-        got, expected = apt.image_encoder(x), dense.image_encoder(x)
-    assert got.shape == expected.shape and torch.isfinite(got).all()
 
 
 def test_merging_on_with_a_checkpointed_thresholds_setting(tiny, chelsea):
@@ -364,7 +361,7 @@ def tiny_checkpoints(tmp_path_factory):
     return folder, sam
 
 
-def test_auto_checkpoint_loads_with_only_the_apt_layers_missing(tiny_checkpoints, chelsea, caplog):
+def test_auto_checkpoint_loads_with_only_the_apt_layers_missing(tiny_checkpoints, caplog):
     folder, host = tiny_checkpoints
     with caplog.at_level("INFO", logger="apt_dense.checkpoints"):
         sam = build_apt_sam("auto", folder / "sam_tiny.pth", adaptive=False)
@@ -373,9 +370,6 @@ def test_auto_checkpoint_loads_with_only_the_apt_layers_missing(tiny_checkpoints
     own = sam.state_dict()
     for key, value in host.state_dict().items():
         assert torch.equal(own[key], value), key
-    x = sam_input(chelsea)[0]
-    with torch.no_grad():
-        torch.testing.assert_close(sam.image_encoder(x), host.image_encoder(x), **TOL)
     dense, apt = build_sam_pair("auto", folder / "sam_tiny.pth")
     assert isinstance(apt.image_encoder, APTImageEncoderViT) and type(dense.image_encoder) is sam_modeling.ImageEncoderViT
     hq = build_apt_sam("auto", folder / "sam_hq_tiny.pth", hq=True)
