@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .arguments import integer
+
 __all__ = ["PatchSchedule", "select_levels", "thresholds_from_sequence"]
 
 
@@ -47,6 +49,7 @@ class PatchSchedule:
     @classmethod
     def create(cls, base_patch_size: int, thresholds: Mapping[int, float] | None) -> "PatchSchedule":
         """Validate a ``{patch_size: threshold}`` mapping (None: base patches only)."""
+        base_patch_size = integer("patch_size", base_patch_size, 1)
         if thresholds is None:
             return cls(base_patch_size, ())
         if not isinstance(thresholds, Mapping):
