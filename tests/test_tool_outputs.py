@@ -28,6 +28,7 @@ import fidelity_probe  # noqa: E402
 import make_tiny_ade20k  # noqa: E402
 import make_tiny_coco  # noqa: E402
 import visualize_patches  # noqa: E402
+from test_tools import interrupted_on_third  # noqa: E402
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -150,19 +151,6 @@ def sigint_during(monkeypatch, owner, name: str) -> None:
         return real(*args, **kwargs)
 
     monkeypatch.setattr(owner, name, pressed)
-
-
-def interrupted_on_third(monkeypatch, tool) -> None:
-    """The tool's first Ctrl-C: while it reads the third image."""
-    real, calls = tool.letterbox, []
-
-    def letterbox(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(tool, "letterbox", letterbox)
 
 
 # --- visualize_patches ----------------------------------------------------------------------------
