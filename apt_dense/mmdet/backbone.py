@@ -14,6 +14,7 @@ from mmengine.model import BaseModule
 
 from ..model import APTViT as CoreAPTViT
 from ..model import TokenStats, host_window_arguments
+from ..schedule import merged_config_thresholds
 from .checkpoint import load_pretrained_backbone
 
 __all__ = ["APTViTDetBackbone"]
@@ -88,6 +89,7 @@ class APTViTDetBackbone(CoreAPTViT, BaseModule):
             raise ValueError(f"EVA-02 blocks use SwiGLU (SiLU); act_cfg {act_cfg} applies to block_type='vitdet'")
         if init_cfg is not None:
             _check_init_cfg(init_cfg)
+        kwargs["thresholds"] = merged_config_thresholds(kwargs.get("thresholds"))  # "32" from an override beside 32
         # mmdet's ViT: a block attends within windows when listed and window_size > 0
         window_size, window_block_indexes = host_window_arguments(window_size, window_block_indexes)
         super().__init__(

@@ -11,6 +11,7 @@ from mmseg.registry import MODELS
 
 from ..model import APTViT as CoreAPTViT
 from ..model import TokenStats
+from ..schedule import merged_config_thresholds
 
 __all__ = ["APTViTSegBackbone"]
 
@@ -75,6 +76,7 @@ class APTViTSegBackbone(CoreAPTViT):
         if len(out_indices) != 4:
             raise ValueError(f"out_indices needs four block indices (strides 4, 8, 16, 32), got {list(out_indices)}")
         del xattn  # EVA-02's xformers switch: APTViT picks its own attention backend
+        kwargs["thresholds"] = merged_config_thresholds(kwargs.get("thresholds"))  # "32" from an override beside 32
         super().__init__(
             img_size=img_size, patch_size=patch_size, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
             norm_layer=partial(nn.LayerNorm, eps=norm_eps), use_abs_pos=use_abs_pos_emb,
