@@ -354,15 +354,17 @@ class APTViT(nn.Module):
         kinds, their RoPE tables and the attention backend for ``x``'s device and compute dtype.
 
         ``compiled``: the blocks run under ``torch.compile``. The sdpa bucket plans are then
-        built here, outside the graph, and every per-slot tensor is marked dynamic in its
-        first dimension, so that the first compilation already serves every token count.
+        built here, outside the graph, window sequences always carry their slot maps, and every
+        per-slot tensor is marked dynamic in its first dimension, so that the first compilation
+        already serves every token count and image size.
         """
         backend = self._attention_backend(x.device, _compute_dtype(x), compiled)
         images = layout.images if prefix is None else prefix.images
         image = AttentionContext(images, self._rope(images, self.rope_grid), backend)
         window = None
         if layout.windows is not None:
-            window = AttentionContext(layout.windows, self._rope(layout.windows, self.window_size), backend)
+            seqs = layout.windows.with_slot_maps() if compiled else layout.windows
+            window = AttentionContext(seqs, self._rope(seqs, self.window_size), backend)
         slot_image = layout.token_image if prefix is None else prefix.slot_image
         ctx = PackedContext(slot_image, layout.batch_size, image, window, prefix)
         if compiled:
