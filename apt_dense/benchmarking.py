@@ -24,7 +24,7 @@ __all__ = [
     "timed_call", "time_side_by_side", "peak_memory_mib", "backbone_flops", "model_builder", "build_model_pair",
     "same_weights_pair", "host_window", "build_planner", "host_planner",
     "positive_int", "non_negative_int", "non_negative_float", "unit_fraction", "int_between", "thresholds_json",
-    "image_folder", "existing_file", "torch_device",
+    "image_folder", "output_path", "existing_file", "torch_device",
 ]
 
 
@@ -292,6 +292,13 @@ def image_folder(text: str) -> Path:
     if not files:
         raise argparse.ArgumentTypeError(f"{text} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
     return path
+
+
+def output_path(text: str) -> Path:
+    """Where results go; an empty path (an unset variable) is refused instead of meaning ``.``."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty path; give a file or folder name")
+    return Path(text)
 
 
 def existing_file(text: str) -> Path:

@@ -368,3 +368,20 @@ def test_make_tiny_checks_the_folder_and_survives_a_full_disk(tool, tmp_path, fu
     err = capsys.readouterr().err
     assert "No space left on device" in err and "Traceback" not in err
     assert [p for p in out.rglob("*") if p.is_file()] == []
+
+
+@pytest.mark.parametrize("tool, argv", [
+    (visualize_patches, ["--output", ""]),
+    (calibrate_thresholds, ["--target", "0.8", "--output", ""]),
+    (calibrate_thresholds, ["--curve", " "]),
+    (benchmark, ["--output-dir", ""]),
+    (fidelity_probe, ["--output", ""]),
+    (demo, ["--output", ""]),
+    (convert_checkpoint, ["source.pt", ""]),
+    (make_tiny_ade20k, [""]),
+    (make_tiny_coco, [""]),
+])
+def test_an_empty_output_path_is_not_the_current_folder(tool, argv, capsys):
+    """An unset variable (``--output-dir $OUT``) must not write results into the current folder."""
+    parse = getattr(tool, "parse_args", tool.main)
+    assert "empty path; give a file or folder name" in usage_error(lambda: parse(argv), capsys)

@@ -39,7 +39,8 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 from apt_dense.attention import BACKENDS, resolve_backend
 from apt_dense.benchmarking import (
-    backbone_flops, host_planner, host_window, image_folder, model_builder, non_negative_float, non_negative_int, peak_memory_mib,
+    backbone_flops, host_planner, host_window, image_folder, model_builder, non_negative_float, non_negative_int, output_path,
+    peak_memory_mib,
     positive_int, process_peak_rss_mib, same_weights_pair, thresholds_json, time_side_by_side, timed_call,
     torch_device,
 )
@@ -84,7 +85,7 @@ def parse_args(argv=None):
     p.add_argument("--attention-backend", default="auto", choices=BACKENDS, help="APT side's attention kernels")
     p.add_argument("--warmup", type=non_negative_int, default=1, help="untimed runs per side first")
     p.add_argument("--repeats", type=positive_int, default=3, help="timed runs per side (the median counts)")
-    p.add_argument("--output-dir", type=Path, default=ROOT / "benchmarks" / "results",
+    p.add_argument("--output-dir", type=output_path, default=ROOT / "benchmarks" / "results",
                    help="results go to OUTPUT_DIR/TAG.json, .md and .png "
                         "(default: benchmarks/results in the repository)")
     p.add_argument("--tag", default=None, help="output file stem (default: host-size-level-device-dtype)")

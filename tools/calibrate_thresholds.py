@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from apt_dense.benchmarking import build_planner, image_folder, positive_int, thresholds_json, unit_fraction
+from apt_dense.benchmarking import build_planner, image_folder, output_path, positive_int, thresholds_json, unit_fraction
 from apt_dense.outputs import atomic_write, check_output_file, ctrl_c_deferred, write_error
 from apt_dense.planner import TokenPlanner
 from apt_dense.presets import APT_SETTINGS, IMAGENET_PIXEL_MEAN
@@ -43,9 +43,9 @@ def parse_args(argv=None):
     p.add_argument("--base", type=thresholds_json, default=None, help="base thresholds as JSON (overrides --setting)")
     p.add_argument("--scorer", default="entropy", choices=["entropy", "laplacian", "upsample_mse"])
     p.add_argument("--target", type=unit_fraction, default=None, help="mean fraction of tokens to keep, in (0, 1]")
-    p.add_argument("--curve", type=Path, nargs="?", const=DEFAULT_CURVE, default=None, metavar="PNG",
+    p.add_argument("--curve", type=output_path, nargs="?", const=DEFAULT_CURVE, default=None, metavar="PNG",
                    help=f"print tokens kept over a range of scales and plot them to PNG (default: {DEFAULT_CURVE})")
-    p.add_argument("--output", type=Path, default=None, help="write the result as JSON")
+    p.add_argument("--output", type=output_path, default=None, help="write the result as JSON")
     args = p.parse_args(argv)
     if args.target is None and args.curve is None:
         p.error("give --target FRACTION, --curve, or both")

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from apt_dense.benchmarking import output_path
 from apt_dense.checkpoints import UnsafeCheckpointError, convert_eva02_pretrain, read_checkpoint
 from apt_dense.outputs import atomic_write, check_output_file, ctrl_c_deferred, write_error
 
@@ -42,7 +43,7 @@ def as_tensors(state: dict) -> dict[str, torch.Tensor]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", type=Path)
-    p.add_argument("target")
+    p.add_argument("target", type=output_path)
     p.add_argument("--unsafe-load", action="store_true",
                    help="unpickle arbitrary Python objects from the source (trusted files only)")
     args = p.parse_args(argv)

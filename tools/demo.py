@@ -22,8 +22,8 @@ import torch
 
 from apt_dense import APTViT, TokenPlanner
 from apt_dense.benchmarking import (
-    backbone_flops, build_model_pair, host_planner, host_window, non_negative_float, positive_int, timed_call,
-    torch_device,
+    backbone_flops, build_model_pair, host_planner, host_window, non_negative_float, output_path, positive_int,
+    timed_call, torch_device,
 )
 from apt_dense.outputs import check_output_file, ctrl_c_deferred, write_error
 from apt_dense.presets import APT_SETTINGS, HOSTS, IMAGENET_PIXEL_MEAN, IMAGENET_PIXEL_STD
@@ -46,7 +46,7 @@ def parse_args(argv=None):
                              "overrun it, at least one; 0 times every photo")
     parser.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu, cuda or cuda:N")
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
+    parser.add_argument("--output", type=output_path, default=DEFAULT_OUTPUT,
                         help=f"patch-map picture, .png, .jpg, ... (default: {DEFAULT_OUTPUT})")
     args = parser.parse_args(argv)
     try:

@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from apt_dense.benchmarking import existing_file, torch_device
+from apt_dense.benchmarking import existing_file, output_path, torch_device
 from apt_dense.outputs import check_output_folder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -28,7 +28,7 @@ def parse_args(argv=None):
     p.add_argument("--annotations", type=existing_file, required=True, help="COCO instances JSON")
     p.add_argument("--apt", action="store_true", help="swap the config's ViT backbone for APTViT")
     p.add_argument("--device", type=torch_device, default=None, help="cpu or cuda (default: the config's train.device)")
-    p.add_argument("--output-dir", default="./output/eval")
+    p.add_argument("--output-dir", type=output_path, default="./output/eval")
     p.add_argument("--unsafe-load", action="store_true",
                    help="unpickle arbitrary Python objects from the checkpoint (trusted files only)")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="key=value config overrides")

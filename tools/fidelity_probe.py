@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from apt_dense.benchmarking import (
-    build_model_pair, existing_file, host_planner, image_folder, positive_int, thresholds_json,
+    build_model_pair, existing_file, host_planner, image_folder, output_path, positive_int, thresholds_json,
 )
 from apt_dense.checkpoints import UnsafeCheckpointError, load_state_dict_checked, read_checkpoint, unwrap_state_dict
 from apt_dense.outputs import atomic_write, check_output_file, ctrl_c_deferred, write_error
@@ -44,7 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--images", type=image_folder, default=None,
                    help="folder of images (default: scikit-image's sample photos)")
     p.add_argument("--limit", type=positive_int, default=None, help="at most this many images")
-    p.add_argument("--output", type=Path, default=None, help="write per-layer numbers as JSON")
+    p.add_argument("--output", type=output_path, default=None, help="write per-layer numbers as JSON")
     p.add_argument("--unsafe-load", action="store_true", help="unpickle arbitrary objects in --checkpoint (trusted files only)")
     args = p.parse_args(argv)
     args.thresholds = args.thresholds or APT_SETTINGS[args.setting]

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from apt_dense.benchmarking import int_between, non_negative_int, positive_int
+from apt_dense.benchmarking import int_between, non_negative_int, output_path, positive_int
 from apt_dense.outputs import check_output_folder, write_error
 from apt_dense.sample_images import load_sample_photos
 from apt_dense.visualize import save_picture
@@ -68,7 +68,7 @@ def make_tiny_ade20k(out_dir: str | Path, train: int = 8, val: int = 4, size: in
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("out_dir")
+    p.add_argument("out_dir", type=output_path)
     p.add_argument("--train", type=positive_int, default=8, help="training images")
     p.add_argument("--val", type=positive_int, default=4, help="validation images")
     p.add_argument("--size", type=int_between(MIN_SIZE, MAX_SIZE, " (px, crops of the sample photos)"), default=160)

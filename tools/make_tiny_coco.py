@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from apt_dense.benchmarking import int_between, non_negative_int, positive_int
+from apt_dense.benchmarking import int_between, non_negative_int, output_path, positive_int
 from apt_dense.outputs import atomic_write, check_output_folder, write_error
 from apt_dense.sample_images import load_sample_photos
 from apt_dense.visualize import save_picture
@@ -77,7 +77,7 @@ def make_tiny_coco(out_dir: str | Path, num_images: int = 8, size: int = 256, se
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("out_dir")
+    p.add_argument("out_dir", type=output_path)
     p.add_argument("--images", type=positive_int, default=8)
     p.add_argument("--size", type=int_between(MIN_SIZE, MAX_SIZE, " (px, crops of the sample photos)"), default=256)
     p.add_argument("--seed", type=non_negative_int, default=0)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from apt_dense.benchmarking import build_planner, image_folder, int_between, positive_int, thresholds_json
+from apt_dense.benchmarking import build_planner, image_folder, int_between, output_path, positive_int, thresholds_json
 from apt_dense.outputs import atomic_write, check_output_file, ctrl_c_deferred, write_error
 from apt_dense.presets import APT_SETTINGS, IMAGENET_PIXEL_MEAN
 from apt_dense.sample_images import image_source, letterbox
@@ -43,7 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--scorer", default="entropy", choices=["entropy", "laplacian", "upsample_mse"])
     p.add_argument("--columns", type=positive_int, default=4)
     p.add_argument("--tile", type=int_between(1, MAX_TILE, " (px)"), default=320, help="width of each map in pixels")
-    p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
+    p.add_argument("--output", type=output_path, default=DEFAULT_OUTPUT,
                    help=f"picture of the sheet (.png, .jpg, ...); the CSV gets the same name (default: {DEFAULT_OUTPUT})")
     args = p.parse_args(argv)
     try:
