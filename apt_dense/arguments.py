@@ -91,9 +91,10 @@ def block_indices(name: str, value: object, depth: int) -> tuple[int, ...]:
     """Block indices ``0 <= i < depth`` from a sequence of integers (or one integer)."""
     if _is_integer(value):
         value = (value,)
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
-        spelled = _integral_spelling(value)
-        fix = f"; write {name}=[{spelled}]" if spelled is not None else ""
+    if isinstance(value, str) or not hasattr(value, "__iter__"):
+        parts = value.strip("[]() ").split(",") if isinstance(value, str) else [value]
+        spelled = [_integral_spelling(part) for part in parts]
+        fix = f"; write {name}={spelled}" if None not in spelled else ""
         raise TypeError(f"{name} must be a list of block indices (integers), got {_described(value)}{fix}")
     entries = list(value)
     if not all(_is_integer(i) for i in entries):

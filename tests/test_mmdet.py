@@ -1,8 +1,10 @@
 """MMDetection 3.x plugin. Skipped as a whole without mmdet and mmcv's compiled ops."""
+import pickle
 import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import require_openmmlab
@@ -284,6 +286,45 @@ def test_backbone_checkpoints_fail_loudly(tmp_path):
     build(cfg).backbone.init_weights()  # a trusted legacy file
 
 
+def test_detectron2_pkl_of_numpy_arrays_loads_through_init_cfg(tmp_path):
+    # detectron2's model zoo .pkl: numpy arrays under backbone.net.*, read as data, loaded as tensors
+    source = build(tiny_cfg()).backbone
+    perturb(source)
+    state = {f"backbone.net.{k}": v.numpy() for k, v in source.state_dict().items() if not is_apt_layer(k)}
+    state["backbone.simfp_2.0.weight"] = np.zeros((64, 32, 2, 2), np.float32)
+    path = tmp_path / "model_final.pkl"
+    with path.open("wb") as f:
+        pickle.dump({"model": state, "__author__": "Detectron2 Model Zoo"}, f)
+    model = build(tiny_cfg(init_cfg=dict(type="Pretrained", checkpoint=str(path))))
+    model.init_weights()
+    for key, value in source.state_dict().items():
+        assert torch.equal(model.backbone.state_dict()[key], value) or is_apt_layer(key), key
+
+
+def test_mmengine_training_checkpoint_loads_through_init_cfg(tmp_path):
+    # what APTRunner saves: the detector's state dict with the message hub's log buffers beside it
+    from mmengine.logging import MessageHub
+
+    source = build(tiny_cfg())
+    perturb(source)
+    hub = MessageHub.get_instance("apt_init_cfg_test")
+    hub.update_scalar("train/loss", 1.5)
+    path = tmp_path / "iter_20.pth"
+    torch.save({"meta": {"iter": 20}, "state_dict": source.state_dict(), "message_hub": hub.state_dict()}, path)
+    model = build(tiny_cfg(init_cfg=dict(type="Pretrained", checkpoint=str(path))))
+    model.init_weights()
+    for key, value in source.backbone.state_dict().items():
+        assert torch.equal(model.backbone.state_dict()[key], value), key
+
+
+def test_cfg_options_threshold_override_replaces_the_configs():
+    # --cfg-options model.backbone.thresholds.32=1.5 merges the key "32" beside the config's 32
+    cfg = tiny_cfg(EVA02, window_size=8)
+    cfg.merge_from_dict({"model.backbone.thresholds.32": 1.5})
+    assert set(cfg.model.backbone.thresholds) == {32, 64, 128, "32"}
+    assert build(cfg).backbone.planner.schedule.threshold_map() == {32: 1.5, 64: 2.0, 128: 0.3}
+
+
 TINY_BACKBONE = dict(img_size=128, embed_dim=64, depth=4, num_heads=2, window_size=4, window_block_indexes=[0, 2])
 
 
@@ -299,10 +340,12 @@ TINY_BACKBONE = dict(img_size=128, embed_dim=64, depth=4, num_heads=2, window_si
         (dict(block_type="eva02", act_cfg=dict(type="ReLU")), "SwiGLU"),
         (dict(thresholds={32: float("nan")}), "finite"),
         (dict(window_block_indexes=[0, 7]), "out of range"),
+        (dict(depth="4"), r"depth must be an integer, got '4' \(str\); write depth=4"),
+        (dict(drop_path_rate=1.5), "drop_path_rate must be at least 0 and below 1"),
     ],
 )
 def test_bad_backbone_configs(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((ValueError, TypeError), match=match):
         MODELS.build(dict(TINY_BACKBONE, type="APTViT", **kwargs))
 
 

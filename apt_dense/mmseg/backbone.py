@@ -73,8 +73,6 @@ class APTViTSegBackbone(CoreAPTViT):
             raise ValueError(f"APTViT supports EVA-02's released segmentation settings; unsupported: {bad}")
         if patch_size != 16:
             raise ValueError(f"the fpn1..fpn4 pyramid is defined for patch_size 16, got {patch_size}")
-        if len(out_indices) != 4:
-            raise ValueError(f"out_indices needs four block indices (strides 4, 8, 16, 32), got {list(out_indices)}")
         del xattn  # EVA-02's xformers switch: APTViT picks its own attention backend
         kwargs["thresholds"] = merged_config_thresholds(kwargs.get("thresholds"))  # "32" from an override beside 32
         super().__init__(
@@ -84,6 +82,8 @@ class APTViTSegBackbone(CoreAPTViT):
             use_cls_token=True, block_type="eva02", rope_pretrain_len=pt_hw_seq_len, out_indices=out_indices,
             **kwargs,
         )
+        if len(self.out_indices) != 4:
+            raise ValueError(f"out_indices needs four block indices (strides 4, 8, 16, 32), got {list(self.out_indices)}")
         dim = self.embed_dim
         norm_cfg = fpn_norm_cfg or dict(type="SyncBN", requires_grad=True)
         self.fpn1 = nn.Sequential(
