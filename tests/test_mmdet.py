@@ -1,4 +1,5 @@
 """MMDetection 3.x plugin. Skipped as a whole without mmdet and mmcv's compiled ops."""
+import json
 import pickle
 import sys
 import warnings
@@ -419,6 +420,53 @@ def test_tiny_coco_folder_is_an_mmdet_coco_dataset(tmp_path):
     sample = dataset[0]
     assert tuple(sample["inputs"].shape) == (3, 128, 128)
     assert len(sample["data_samples"].gt_instances) > 0 and sample["data_samples"].gt_instances.masks is not None
+
+
+def wide_coco(root):
+    """A COCO folder holding a 900x300 photo and a square one, one box each (the tiny config's classes)."""
+    from PIL import Image
+    from skimage import data
+
+    (root / "images").mkdir(parents=True)
+    images, annotations = [], []
+    for i, (w, h) in enumerate([(900, 300), (256, 256)], start=1):
+        Image.fromarray(data.astronaut()).resize((w, h)).save(root / "images" / f"{i}.png")
+        images.append(dict(id=i, file_name=f"{i}.png", width=w, height=h))
+        x, y, side = w // 4, h // 4, min(w, h) // 3
+        annotations.append(dict(id=i, image_id=i, category_id=1, bbox=[x, y, side, side], area=side * side, iscrowd=0,
+                                segmentation=[[x, y, x + side, y, x + side, y + side, x, y + side]]))
+    categories = [dict(id=1, name="square"), dict(id=2, name="disc")]
+    (root / "instances.json").write_text(json.dumps(dict(images=images, annotations=annotations, categories=categories)))
+    return root
+
+
+def test_letterbox_test_pipeline_clips_boxes_to_the_image(tmp_path):
+    # the canvas is padded, but img_shape stays the image's: the heads clip boxes to the image
+    cfg = Config.fromfile(str(CONFIGS / "apt_vitdet_mask-rcnn_tiny_e2e.py"))
+    cfg.test_dataloader.dataset.data_root = str(wide_coco(tmp_path))
+    sample = DATASETS.build(cfg.test_dataloader.dataset)[0]
+    assert tuple(sample["inputs"].shape) == (3, 128, 128)
+    meta = sample["data_samples"].metainfo
+    assert meta["ori_shape"] == (300, 900) and meta["img_shape"] == (43, 128)
+
+
+@pytest.mark.slow
+def test_test_det_on_a_wide_image(tmp_path):
+    """tools/test_det.py on a 900x300 image: detections in the canvas's padding used to be
+    rescaled beyond the image, and mmdet's CPU mask pasting failed on them."""
+    from openmmlab_tool_runs import run
+
+    config = CONFIGS / "apt_vitdet_mask-rcnn_tiny_e2e.py"
+    torch.manual_seed(0)
+    detector = MODELS.build(Config.fromfile(str(config)).model)
+    with torch.no_grad():
+        for p in detector.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # a random detector: boxes anywhere on the canvas
+    torch.save({"meta": {}, "state_dict": detector.state_dict()}, tmp_path / "detector.pth")
+    root = wide_coco(tmp_path / "coco")
+    result = run([str(ROOT / "tools" / "test_det.py"), str(config), str(tmp_path / "detector.pth"),
+                  "--work-dir", str(tmp_path / "work"), "--data-root", str(root)])
+    assert "coco/segm_mAP:" in result.stdout
 
 
 def test_mmdet_vit_defaults_and_the_mmseg_plugin_side_by_side():
