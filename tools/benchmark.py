@@ -327,12 +327,13 @@ def time_layout(model, images, repeats: int, device: torch.device) -> float:
 
 
 def train_step(model, images: torch.Tensor, autocast) -> None:
-    """One training step's forward + backward of a backbone with every parameter trainable (the
-    loss: the sum of its feature maps); the gradients are dropped afterwards."""
+    """One training step's forward + backward of an APTViT (a framework's adapter too: its
+    ``forward_features``) with every parameter trainable (the loss: the sum of its feature
+    maps); the gradients are dropped afterwards."""
     for param in model.parameters():
         param.requires_grad_(True)
     with torch.enable_grad(), autocast:
-        loss = sum(feature.float().sum() for feature in model(images).features)
+        loss = sum(feature.float().sum() for feature in model.forward_features(images).features)
     loss.backward()
     model.zero_grad(set_to_none=True)
 
