@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .attention import packed_attention
 from .layout import ImagePrefix, PackedSequences
-from .positions import BiasWorkspace, RelPosBias, apply_rope
+from .positions import BiasWorkspace, RelPosBias, apply_rope, traced
 
 __all__ = [
     "AttentionContext",
@@ -156,8 +156,8 @@ class ViTDetAttention(nn.Module):
         q, k, v = self.qkv(x).view(t, 3, self.num_heads, -1).unbind(1)
         bias = None
         if self.use_rel_pos:
-            # Compiled graphs allocate their own buffers (and must not guard on the workspace).
-            workspace = None if torch.compiler.is_compiling() else ctx.workspace
+            # Graphs allocate their own buffers (and must not guard on the workspace).
+            workspace = None if traced() else ctx.workspace
             bias = RelPosBias(self.rel_pos_h, self.rel_pos_w, ctx.seqs.positions, ctx.seqs.frame_size, workspace)
         out = packed_attention(q, k, v, ctx.seqs, ctx.backend, bias)
         return self.proj(out.reshape(t, c))

@@ -145,10 +145,16 @@ class BiasWorkspace:
         return buffer[:numel].view(shape)
 
 
+def traced() -> bool:
+    """Code is being traced into a graph (``torch.compile``, ``torch.export``, TorchScript), which
+    allocates its own buffers: no :class:`BiasWorkspace` there."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+
+
 def _reuse(workspace: BiasWorkspace | None, *tensors: torch.Tensor) -> BiasWorkspace | None:
     """``workspace`` when the bias built from ``tensors`` is not recorded for backward."""
     recorded = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    return None if recorded or torch.compiler.is_compiling() else workspace
+    return None if recorded or traced() else workspace
 
 
 def decomposed_rel_pos_bias(
