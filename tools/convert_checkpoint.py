@@ -12,32 +12,11 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from apt_dense.benchmarking import output_path
-from apt_dense.checkpoints import UnsafeCheckpointError, convert_eva02_pretrain, read_checkpoint
+from apt_dense.checkpoints import UnsafeCheckpointError, convert_eva02_pretrain, read_checkpoint, state_dict_tensors
 from apt_dense.outputs import atomic_write, check_output_file, ctrl_c_deferred, write_error
-
-
-def as_tensors(state: dict) -> dict[str, torch.Tensor]:
-    """``state`` with numpy arrays as tensors.
-
-    Raises:
-        ValueError: naming the keys whose values are neither (a checkpoint holds weights only).
-    """
-    tensors, others = {}, []
-    for key, value in state.items():
-        if isinstance(value, np.ndarray) and value.dtype != object:
-            value = torch.from_numpy(value)
-        if isinstance(value, torch.Tensor):
-            tensors[key] = value
-        else:
-            others.append(f"{key} ({type(value).__name__})")
-    if others:
-        raise ValueError(f"{len(others)} values are not tensors or numpy arrays: {', '.join(others[:5])}"
-                         + (", ..." if len(others) > 5 else "") + "; is this a weights file?")
-    return tensors
 
 
 def main(argv=None) -> int:
@@ -55,8 +34,8 @@ def main(argv=None) -> int:
         p.error(f"target {target} is the source; write the converted checkpoint to another file")
     try:
         converted, dropped = convert_eva02_pretrain(read_checkpoint(args.source, allow_pickle=args.unsafe_load))
-        converted = as_tensors(converted)
-    except (OSError, UnsafeCheckpointError, ValueError) as err:
+        converted = state_dict_tensors(converted)
+    except (OSError, UnsafeCheckpointError, TypeError, ValueError) as err:
         print(f"convert_checkpoint: cannot convert {args.source}: {err}", file=sys.stderr)
         return 1
     with ctrl_c_deferred() as ctrl_c:
