@@ -94,7 +94,7 @@ def main(argv=None) -> int:
         for model in (apt, dense):
             try:
                 load_backbone_weights(model, args.checkpoint, args.unsafe_load)
-            except (OSError, UnsafeCheckpointError, ValueError) as err:
+            except (OSError, UnsafeCheckpointError, TypeError, ValueError) as err:
                 print(f"error: {err}", file=sys.stderr)
                 return 1
     count, photos = image_source(args.images, args.limit)
