@@ -90,6 +90,12 @@ def _fused_kernels_run_on(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+def _exporting() -> bool:
+    """Inside ``torch.export`` tracing (torch 2.4 has no way to ask, nor does it export here)."""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return is_exporting is not None and is_exporting()
+
+
 def check_backend_name(backend: str) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
@@ -101,6 +107,8 @@ def available_backends(
     """Backends that can run on ``device`` with ``dtype`` (and an additive bias when asked), in
     ``auto``'s order of preference. ``head_dim`` None skips the head-dim preconditions.
     ``compiled``: the blocks run under ``torch.compile``, which flash-attn's varlen function breaks."""
+    if _exporting():
+        return ["sdpa"]  # exported programs hold plain aten ops (ONNX has no varlen kernel)
     head_dim_ok = head_dim is None or (head_dim % 8 == 0 and head_dim <= MAX_FUSED_HEAD_DIM)
     fused_ok = _fused_kernels_run_on(device) and dtype in FUSED_DTYPES and not has_bias and head_dim_ok
     fused = [name for name in FUSED_BACKENDS if not (compiled and name == "flash_attn")]
@@ -129,7 +137,9 @@ def resolve_backend(
     elif requested in usable:
         chosen = requested
     else:
-        if compiled and requested == "flash_attn":
+        if _exporting():
+            why = "torch.export (exported programs run attention as plain sdpa)"
+        elif compiled and requested == "flash_attn":
             why = "torch.compile (flash-attn's varlen function breaks it, flash-attn issue 1894)"
         elif has_bias:
             why = "an additive bias (relative positions)"
@@ -162,10 +172,15 @@ class BucketPlan:
     (:func:`torch._dynamo.decorators.mark_unbacked`): they only enter the
     ``apt_dense::bucketed_sdpa`` op and are never guarded on, so neither the bucket shapes nor
     these cases recompile.
+
+    ``traced``: built inside an exported graph (:mod:`apt_dense.export`), where the sizes are
+    unknown while tracing: every ``key_ok[i]`` is then the ``(n_i, L_i)`` mask, and every bucket
+    runs masked (an empty one on empty tensors).
     """
 
     slots: tuple[torch.Tensor, ...]
     key_ok: tuple[torch.Tensor, ...]
+    traced: bool = False
 
 
 def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -261,14 +276,16 @@ def _sdpa_bucketed(
     slots: Sequence[torch.Tensor],
     key_ok: Sequence[torch.Tensor],
     bias_fn: BiasFn | None,
+    traced: bool = False,
 ) -> torch.Tensor:
     t, h, d = q.shape
     out = q.new_empty(t + 1, h, d)  # row t takes the padded entries' outputs
     for index, real in zip(slots, key_ok):
         n, width = index.shape
-        if n == 0:
+        # A traced plan's sizes are symbols: no branch may read them.
+        if not traced and n == 0:
             continue
-        in_order = real.shape == (0, 2)
+        in_order = not traced and real.shape == (0, 2)
         if in_order:
             qb, kb, vb = (x.view(n, width, h, d).transpose(1, 2) for x in (q, k, v))
         else:
@@ -277,7 +294,7 @@ def _sdpa_bucketed(
             rows = index.clamp(max=t - 1)
             qb, kb, vb = (x[rows].transpose(1, 2) for x in (q, k, v))  # (n, H, L, D)
         mask = None if bias_fn is None else bias_fn(index, qb)
-        if real.numel():  # a padded bucket
+        if traced or real.numel():  # a padded bucket
             real = real.view(n, 1, 1, width)
             mask = real if mask is None else mask.masked_fill(~real, float("-inf"))
         result = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask).transpose(1, 2)  # (n, L, H, D)
@@ -427,6 +444,8 @@ def _sdpa_compiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: Pack
     # The model builds the plan before the blocks (APTViT.block_context): a traced cache hit.
     # Without one, the (disabled) builder runs eagerly at the cost of a graph break.
     plan = seqs.cache.get(_plan_key(q.device)) or bucket_plan(seqs, q.device)
+    if plan.traced:  # exported: plain aten ops, which AOTInductor fuses and ONNX can express
+        return _sdpa_bucketed(q, k, v, plan.slots, plan.key_ok, bias_fn, traced=True)
     bias = (None, None, None, [0, 0]) if bias_fn is None else (
         bias_fn.rel_pos_h, bias_fn.rel_pos_w, bias_fn.positions, list(bias_fn.frame_size))
     return _bucketed_sdpa_op(q, k, v, list(plan.slots), list(plan.key_ok), *bias)
