@@ -174,8 +174,9 @@ class BucketPlan:
     these cases recompile.
 
     ``traced``: built inside an exported graph (:mod:`apt_dense.export`), where the sizes are
-    unknown while tracing: every ``key_ok[i]`` is then the ``(n_i, L_i)`` mask, and every bucket
-    runs masked (an empty one on empty tensors).
+    unknown while tracing: every bucket runs masked (an empty one on empty tensors), and
+    ``key_ok[i]`` is an ``(n_i, L_i)`` additive float mask, 0 for real entries and ``-inf`` for
+    padding (ONNX translates a boolean sdpa mask with an extra pass that clears NaNs).
     """
 
     slots: tuple[torch.Tensor, ...]
@@ -266,6 +267,10 @@ def _sdpa_uniform(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int
     shape = (t // length, length, h, d)
     qb, kb, vb = (x.view(shape).transpose(1, 2) for x in (q, k, v))
     out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=bias)
+    if _exporting():
+        # The reshape below is traced as a view when this kernel's output strides allow one; the
+        # ONNX exporter re-traces sdpa with other strides, where that view fails. A copy fixes them.
+        out = out.contiguous()
     return out.transpose(1, 2).reshape(t, h, d)
 
 
@@ -294,7 +299,10 @@ def _sdpa_bucketed(
             rows = index.clamp(max=t - 1)
             qb, kb, vb = (x[rows].transpose(1, 2) for x in (q, k, v))  # (n, H, L, D)
         mask = None if bias_fn is None else bias_fn(index, qb)
-        if traced or real.numel():  # a padded bucket
+        if traced:
+            key_bias = real.view(n, 1, 1, width).to(qb.dtype)
+            mask = key_bias if mask is None else mask + key_bias
+        elif real.numel():  # a padded bucket
             real = real.view(n, 1, 1, width)
             mask = real if mask is None else mask.masked_fill(~real, float("-inf"))
         result = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask).transpose(1, 2)  # (n, L, H, D)

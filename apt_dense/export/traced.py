@@ -126,7 +126,7 @@ def _bucket_cuts(seqs: PackedSequences) -> tuple[torch.Tensor, torch.Tensor, lis
 
 
 def _bucket_plan(seqs: PackedSequences, order: torch.Tensor, lengths: torch.Tensor, sizes: list) -> BucketPlan:
-    """The ``(n_i, L_i)`` slot index and key mask of every bucket, from the symbolic sizes."""
+    """The ``(n_i, L_i)`` slot index and additive key mask of every bucket, from the symbolic sizes."""
     cu = seqs.cu_seqlens.long()
     total = seqs.num_slots
     first = 0
@@ -139,5 +139,5 @@ def _bucket_plan(seqs: PackedSequences, order: torch.Tensor, lengths: torch.Tens
         cols = torch.arange(width, device=cu.device)
         real = cols.view(1, -1) < lengths[members].view(-1, 1)
         slots.append(torch.where(real, cu[members].view(-1, 1) + cols.view(1, -1), total))
-        key_ok.append(real)
+        key_ok.append(torch.zeros(real.shape, device=cu.device).masked_fill(~real, float("-inf")))
     return BucketPlan(tuple(slots), tuple(key_ok), traced=True)
