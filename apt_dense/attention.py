@@ -171,7 +171,9 @@ class BucketPlan:
     tensors' sizes are unbacked for the compiler
     (:func:`torch._dynamo.decorators.mark_unbacked`): they only enter the
     ``apt_dense::bucketed_sdpa`` op and are never guarded on, so neither the bucket shapes nor
-    these cases recompile.
+    these cases recompile. ``frame_size`` is the sequences' frame ``(rows, cols)`` as a ``(2,)``
+    int64 host tensor: data for the op's relative positions, so that a new image size (a new
+    frame for global blocks) is not a guard either.
 
     ``traced``: built inside an exported graph (:mod:`apt_dense.export`), where the sizes are
     unknown while tracing: every bucket runs masked (an empty one on empty tensors), and
@@ -181,6 +183,7 @@ class BucketPlan:
 
     slots: tuple[torch.Tensor, ...]
     key_ok: tuple[torch.Tensor, ...]
+    frame_size: torch.Tensor
     traced: bool = False
 
 
@@ -257,7 +260,7 @@ def bucket_plan(seqs: PackedSequences, device: torch.device) -> BucketPlan:
     unused = MAX_BUCKETS - len(slots)
     slots += [empty(torch.int64) for _ in range(unused)]
     key_ok += [empty(torch.bool) for _ in range(unused)]
-    plan = BucketPlan(tuple(slots), tuple(key_ok))
+    plan = BucketPlan(tuple(slots), tuple(key_ok), torch.tensor(seqs.frame_size, dtype=torch.int64))
     seqs.cache[key] = plan
     return plan
 
@@ -315,8 +318,10 @@ def _sdpa_bucketed(
 # The ragged sdpa path as one opaque op for compiled graphs. Eager code calls _sdpa_bucketed
 # directly (native autograd, no recomputation).
 
-def _op_bias(rel_pos_h, rel_pos_w, positions, frame_size) -> RelPosBias | None:
-    return None if rel_pos_h is None else RelPosBias(rel_pos_h, rel_pos_w, positions, tuple(frame_size))
+def _op_bias(rel_pos_h, rel_pos_w, positions, frame_size: torch.Tensor) -> RelPosBias | None:
+    if rel_pos_h is None:
+        return None
+    return RelPosBias(rel_pos_h, rel_pos_w, positions, tuple(frame_size.tolist()))  # a host tensor: no sync
 
 
 @torch.library.custom_op("apt_dense::bucketed_sdpa", mutates_args=())
@@ -329,7 +334,7 @@ def _bucketed_sdpa_op(
     rel_pos_h: torch.Tensor | None,
     rel_pos_w: torch.Tensor | None,
     positions: torch.Tensor | None,
-    frame_size: list[int],
+    frame_size: torch.Tensor,
 ) -> torch.Tensor:
     return _sdpa_bucketed(q, k, v, slots, key_ok, _op_bias(rel_pos_h, rel_pos_w, positions, frame_size))
 
@@ -350,7 +355,7 @@ def _bucketed_sdpa_backward_op(
     rel_pos_h: torch.Tensor | None,
     rel_pos_w: torch.Tensor | None,
     positions: torch.Tensor | None,
-    frame_size: list[int],
+    frame_size: torch.Tensor,
 ) -> list[torch.Tensor]:
     """Gradients of q, k, v (and the relative-position tables) by recomputing the forward pass
     eagerly: the padded buckets are not kept between forward and backward. (``torch.func.vjp``,
@@ -454,6 +459,5 @@ def _sdpa_compiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: Pack
     plan = seqs.cache.get(_plan_key(q.device)) or bucket_plan(seqs, q.device)
     if plan.traced:  # exported: plain aten ops, which AOTInductor fuses and ONNX can express
         return _sdpa_bucketed(q, k, v, plan.slots, plan.key_ok, bias_fn, traced=True)
-    bias = (None, None, None, [0, 0]) if bias_fn is None else (
-        bias_fn.rel_pos_h, bias_fn.rel_pos_w, bias_fn.positions, list(bias_fn.frame_size))
-    return _bucketed_sdpa_op(q, k, v, list(plan.slots), list(plan.key_ok), *bias)
+    tables = (None, None, None) if bias_fn is None else (bias_fn.rel_pos_h, bias_fn.rel_pos_w, bias_fn.positions)
+    return _bucketed_sdpa_op(q, k, v, list(plan.slots), list(plan.key_ok), *tables, plan.frame_size)

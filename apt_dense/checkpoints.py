@@ -25,6 +25,7 @@ __all__ = [
     "UnsafeCheckpointError",
     "read_checkpoint",
     "unwrap_state_dict",
+    "state_dict_tensors",
     "load_state_dict_checked",
     "is_apt_layer",
     "is_recomputed_buffer",
@@ -164,8 +165,41 @@ def convert_eva02_pretrain(state: Mapping[str, torch.Tensor], prefix: str = "bac
     return converted, dropped
 
 
+def state_dict_tensors(state: Mapping) -> dict[str, torch.Tensor]:
+    """``state`` with every value a tensor: the one place where the numpy arrays and scalars of
+    legacy checkpoints (detectron2 / Detectron model zoo ``.pkl`` files) become tensors, for
+    every loader of this package.
+
+    Raises:
+        TypeError: a key is not a parameter name (str), or a value is neither a tensor nor a
+            numeric numpy array; the message names the entry.
+    """
+    converted = {}
+    for key, value in state.items():
+        if not isinstance(key, str):
+            raise TypeError(
+                f"state dict keys must be parameter names (str, e.g. 'blocks.0.attn.qkv.weight'), got "
+                f"{key!r} ({type(key).__name__}): pass the model's state dict, not a list or an index"
+            )
+        if isinstance(value, (np.ndarray, np.generic)):
+            array = np.ascontiguousarray(value)
+            if array.dtype.kind not in "biufc":
+                raise TypeError(f"state dict entry {key!r} is a numpy array of {array.dtype}, not of numbers")
+            value = torch.from_numpy(array if array.flags.writeable else array.copy())
+        elif not isinstance(value, torch.Tensor):
+            raise TypeError(
+                f"state dict entry {key!r} is a {type(value).__name__} ({str(value)[:60]!r}), not a tensor or "
+                "numpy array: is this a whole checkpoint rather than its state dict? "
+                "(apt_dense.checkpoints.unwrap_state_dict finds the state dict inside)"
+            )
+        converted[key] = value
+    return converted
+
+
 def load_state_dict_checked(model: nn.Module, state: Mapping[str, torch.Tensor]) -> tuple[list[str], list[str]]:
     """Load ``state`` into ``model``: every shape must match, the rest is reported.
+
+    Values may be numpy arrays (legacy ``.pkl`` files); see :func:`state_dict_tensors`.
 
     Shape mismatches raise with every offending key (a silently re-initialised layer is worse
     than no model). EVA-02's fixed RoPE tables are dropped (APTViT recomputes RoPE); missing
@@ -175,6 +209,7 @@ def load_state_dict_checked(model: nn.Module, state: Mapping[str, torch.Tensor])
     Returns:
         ``(missing_keys, unexpected_keys)`` other than the APT layers and recomputed buffers.
     """
+    state = state_dict_tensors(state)
     dropped = [k for k in state if is_recomputed_buffer(k)]
     state = {k: v for k, v in state.items() if not is_recomputed_buffer(k)}
     own = model.state_dict()

@@ -17,6 +17,7 @@ Packing is split by the forward pass's one host sync:
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -90,6 +91,17 @@ class PackedSequences:
     def from_slots(self, x: torch.Tensor) -> torch.Tensor:
         """``(T, C)`` slots -> ``(R, C)`` rows (padding slots dropped)."""
         return x if self.scatter is None else x[self.scatter]
+
+    def with_slot_maps(self) -> "PackedSequences":
+        """These sequences with ``gather``/``scatter`` given even where slots are exactly the rows
+        (identity maps). Compiled blocks take them so that padded and unpadded windows (images
+        whose grid the windows do or do not tile) trace the same code, without a guard on
+        ``gather is None``; the bucket-plan cache is shared."""
+        if self.gather is not None:
+            return self
+        rows = torch.arange(self.num_slots, device=self.positions.device)
+        # two tensors: the compiler guards on which inputs alias
+        return dataclasses.replace(self, gather=rows, scatter=rows.clone())
 
 
 @dataclass(eq=False)

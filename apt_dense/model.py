@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from .arguments import block_indices, integer, real
 from .attention import bucket_plan, check_backend_name, resolve_backend
 from .blocks import AttentionContext, Block, EVA02Attention, Mlp, PackedContext, SwiGLU, ViTDetAttention
 from .dense_map import tokens_to_dense
@@ -32,7 +33,7 @@ from .layout import ImagePrefix, PackedSequences, PatchLayout
 from .planner import TokenPlanner
 from .positions import rope_tables
 
-__all__ = ["APTViT", "APTOutput", "TokenStats", "BLOCK_TYPES"]
+__all__ = ["APTViT", "APTOutput", "TokenStats", "BLOCK_TYPES", "host_window_arguments"]
 
 BLOCK_TYPES = ("vitdet", "eva02")
 
@@ -85,8 +86,10 @@ class APTViT(nn.Module):
             cls entry and is not part of the dense outputs.
         block_type: ``"vitdet"`` (fused qkv, GELU MLP, optional relative positions) or
             ``"eva02"`` (q/k/v projections with q/v biases, 2D RoPE, SwiGLU with sub-LN).
-        window_size: window side in cells for ``window_block_indexes`` (0: none).
-        out_indices: blocks whose outputs are returned as dense maps (default: the last).
+        window_size: window side in cells for ``window_block_indexes``; 0 (global attention
+            everywhere) without them.
+        out_indices: blocks whose outputs are returned as dense maps, a list of indices or one
+            index (default: the last).
         rope_pretrain_len: EVA-02's ``pt_hw_seq_len`` (16).
         adaptive: False turns adaptive patching off (every cell a base patch, no scoring).
         thresholds: ``{patch_size: threshold}`` for every coarse patch size, e.g.
@@ -144,39 +147,55 @@ class APTViT(nn.Module):
         attention_backend: str = "auto",
     ):
         super().__init__()
-        sizes = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
-                     depth=depth, num_heads=num_heads)
+        img_size, patch_size, in_chans, embed_dim, depth, num_heads = (
+            integer(name, value, 1) for name, value in (
+                ("img_size", img_size), ("patch_size", patch_size), ("in_chans", in_chans),
+                ("embed_dim", embed_dim), ("depth", depth), ("num_heads", num_heads))
+        )
         if use_abs_pos:
-            sizes["pretrain_img_size"] = pretrain_img_size
-        for name, value in sizes.items():
-            if not value > 0:
-                raise ValueError(f"{name} must be positive, got {value!r}")
+            pretrain_img_size = integer("pretrain_img_size", pretrain_img_size, 1)
         if block_type not in BLOCK_TYPES:
             raise ValueError(f"block_type must be one of {BLOCK_TYPES}, got {block_type!r}")
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
         if block_type == "eva02" and use_rel_pos:
             raise ValueError("EVA-02 blocks use RoPE; use_rel_pos applies to block_type='vitdet'")
+        mlp_ratio = real("mlp_ratio", mlp_ratio, above=0, hint="the MLP is mlp_ratio * embed_dim wide (ViT: 4.0)")
+        if int(embed_dim * mlp_ratio) < 1:
+            raise ValueError(f"mlp_ratio {mlp_ratio} gives an MLP of 0 hidden units at embed_dim {embed_dim}; ViT uses 4.0")
+        drop_path_rate = real(
+            "drop_path_rate", drop_path_rate, at_least=0, below=1,
+            hint="it is the probability that the last block's residual branches are dropped (ViTDet-B: 0.1)",
+        )
+        rope_theta = real("rope_theta", rope_theta, above=0, hint="RoPE's frequency base (EVA-02: 10000)")
+        rope_pretrain_len = real("rope_pretrain_len", rope_pretrain_len, above=0, hint="EVA-02's pt_hw_seq_len (16)")
         check_backend_name(attention_backend)
-        window_block_indexes = tuple(window_block_indexes)
-        if use_cls_token and window_block_indexes:
-            raise ValueError("a cls token needs global attention in every block; drop window_block_indexes")
+        window_size = integer("window_size", window_size, 0, "use 0 for global attention in every block")
+        window_block_indexes = block_indices("window_block_indexes", window_block_indexes, depth)
+        if use_cls_token and (window_block_indexes or window_size):
+            raise ValueError(
+                "a cls token needs global attention in every block; drop window_size and window_block_indexes"
+            )
         if use_cls_token and use_abs_pos and not pretrain_use_cls_token:
             raise ValueError("use_cls_token needs a position embedding with a cls entry (pretrain_use_cls_token=True)")
-        if window_block_indexes and window_size <= 0:
-            raise ValueError("window_block_indexes need a positive window_size")
-        if any(not 0 <= i < depth for i in window_block_indexes):
-            raise ValueError(f"window_block_indexes {window_block_indexes} out of range for depth {depth}")
-        out_indices = (depth - 1,) if out_indices is None else tuple(out_indices)
-        if not out_indices or any(not 0 <= i < depth for i in out_indices):
-            raise ValueError(f"out_indices {out_indices} must be non-empty block indices below {depth}")
+        if window_block_indexes and not window_size:
+            raise ValueError("window_block_indexes need a positive window_size (the window side in cells)")
+        if window_size and not window_block_indexes:
+            raise ValueError(
+                f"window_size={window_size} does nothing without window_block_indexes: list the blocks that "
+                "attend within windows (ViTDet-B: [0, 1, 3, 4, 6, 7, 9, 10]), or set window_size=0 for "
+                "global attention in every block"
+            )
+        out_indices = (depth - 1,) if out_indices is None else block_indices("out_indices", out_indices, depth)
+        if not out_indices:
+            raise ValueError(f"out_indices must name at least one block (0..{depth - 1}), got none")
 
         self.patch_size = patch_size
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.block_type = block_type
         self.use_rel_pos = use_rel_pos
-        self.window_size = window_size if window_block_indexes else 0
+        self.window_size = window_size
         self.rope_grid = img_size // patch_size
         self.rope_pretrain_len = rope_pretrain_len
         self.rope_theta = rope_theta
@@ -344,15 +363,17 @@ class APTViT(nn.Module):
         kinds, their RoPE tables and the attention backend for ``x``'s device and compute dtype.
 
         ``compiled``: the blocks run under ``torch.compile``. The sdpa bucket plans are then
-        built here, outside the graph, and every per-slot tensor is marked dynamic in its
-        first dimension, so that the first compilation already serves every token count.
+        built here, outside the graph, window sequences always carry their slot maps, and every
+        per-slot tensor is marked dynamic in its first dimension, so that the first compilation
+        already serves every token count and image size.
         """
         backend = self._attention_backend(x.device, _compute_dtype(x), compiled)
         images = layout.images if prefix is None else prefix.images
         image = AttentionContext(images, self._rope(images, self.rope_grid), backend)
         window = None
         if layout.windows is not None:
-            window = AttentionContext(layout.windows, self._rope(layout.windows, self.window_size), backend)
+            seqs = layout.windows.with_slot_maps() if compiled else layout.windows
+            window = AttentionContext(seqs, self._rope(seqs, self.window_size), backend)
         slot_image = layout.token_image if prefix is None else prefix.slot_image
         ctx = PackedContext(slot_image, layout.batch_size, image, window, prefix)
         if compiled:
@@ -368,6 +389,17 @@ class APTViT(nn.Module):
     def _attention_backend(self, device: torch.device, dtype: torch.dtype, compiled: bool = False) -> str:
         has_bias = self.block_type == "vitdet" and self.use_rel_pos
         return resolve_backend(self.attention_backend, device, dtype, has_bias, self.embed_dim // self.num_heads, compiled)
+
+
+def host_window_arguments(window_size: int, window_block_indexes: Sequence[int]) -> tuple[int, Sequence[int]]:
+    """``(window_size, window_block_indexes)`` for :class:`APTViT` from a host ViT's (detectron2's
+    and mmdet's ``ViT``, SAM's encoder), where a block attends within windows only when it is
+    listed *and* the window size is positive, and either alone means global attention
+    everywhere. APTViT refuses either alone (a window size that does nothing is a mistake
+    there); adapters that keep their host's meaning translate with this."""
+    if window_size and window_block_indexes:
+        return window_size, window_block_indexes
+    return 0, ()
 
 
 def _prepare_compiled(ctx: PackedContext, device: torch.device) -> None:

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn as nn
 
+from .arguments import integer
 from .layout import PatchLayout, PendingLayout
 from .schedule import PatchSchedule, select_levels
 from .scoring import (
@@ -69,22 +70,23 @@ class TokenPlanner(nn.Module):
         super().__init__()
         self.schedule = PatchSchedule.create(patch_size, thresholds)
         self.adaptive = adaptive
-        self.window_size = window_size
-        self.in_chans = in_chans
+        self.window_size = integer("window_size", window_size, 0, "use 0 for no window attention")
+        self.in_chans = integer("in_chans", in_chans, 1)
         self.input_format = check_channel_order(input_format, "input_format")
         self.scorer = build_scorer(scorer, **dict(scorer_kwargs or {}))
         mean, std = pixel_statistics(pixel_mean, pixel_std, in_chans)
         self.register_buffer("pixel_mean", mean, persistent=False)
         self.register_buffer("pixel_std", std, persistent=False)
         self._input_scale_warned = False
-        if window_size and window_size % (1 << self.schedule.num_levels):
+        window, patch = self.window_size, self.patch_size
+        if window % (1 << self.schedule.num_levels):
             largest = self.schedule.largest_patch_size
-            fits = patch_size * (window_size & -window_size)  # the largest power-of-two divisor
+            fits = patch * (window & -window)  # the largest power-of-two divisor
             raise ValueError(
-                f"window_size {window_size} cells ({window_size * patch_size} px) is not a "
-                f"multiple of the largest patch ({largest} px = {largest // patch_size} cells), so "
+                f"window_size {window} cells ({window * patch} px) is not a "
+                f"multiple of the largest patch ({largest} px = {largest // patch} cells), so "
                 f"patches would cross windows; drop patch sizes above {fits} px or use a window "
-                f"that is a multiple of {largest // patch_size} cells"
+                f"that is a multiple of {largest // patch} cells"
             )
 
     @property

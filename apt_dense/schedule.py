@@ -12,6 +12,7 @@ and converted to ``int`` / ``float``; anything else is rejected with the offendi
 """
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 from collections.abc import Mapping, Sequence
@@ -19,7 +20,11 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PatchSchedule", "select_levels", "thresholds_from_sequence"]
+from .arguments import integer
+
+__all__ = ["PatchSchedule", "merged_config_thresholds", "select_levels", "thresholds_from_sequence"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,7 @@ class PatchSchedule:
     @classmethod
     def create(cls, base_patch_size: int, thresholds: Mapping[int, float] | None) -> "PatchSchedule":
         """Validate a ``{patch_size: threshold}`` mapping (None: base patches only)."""
+        base_patch_size = integer("patch_size", base_patch_size, 1)
         if thresholds is None:
             return cls(base_patch_size, ())
         if not isinstance(thresholds, Mapping):
@@ -115,6 +121,26 @@ def thresholds_from_sequence(thresholds: Sequence[float], patch_sizes: Sequence[
             f"{len(sizes) - 1}, one per size in {sizes[1:]} in ascending order"
         )
     return dict(zip(sizes[1:], thresholds))
+
+
+def merged_config_thresholds(thresholds: Mapping[object, float] | None) -> Mapping[object, float] | None:
+    """Thresholds as a config system's merge leaves them, with one entry per patch size.
+
+    Overrides on a command line spell patch sizes as strings: mmengine's ``--cfg-options
+    model.backbone.thresholds.32=1.0`` and detectron2's ``model.backbone.net.thresholds.32=1.0``
+    add a key ``"32"`` after the config file's ``32`` instead of replacing it. The framework
+    adapters pass their thresholds through here: of the keys that name one size, the later one,
+    the override, wins (logged). :meth:`PatchSchedule.create` itself refuses such duplicates.
+    """
+    if not isinstance(thresholds, Mapping):
+        return thresholds  # PatchSchedule.create names what is wrong
+    by_size: dict[int, tuple[object, object]] = {}
+    for key, value in thresholds.items():
+        size = _patch_size_value(key, "thresholds key")
+        if size in by_size:
+            logger.info("thresholds: %r: %r overrides %r: %r (a config override)", key, value, *by_size[size])
+        by_size[size] = (key, value)
+    return dict(by_size.values())
 
 
 def select_levels(scores: Sequence[torch.Tensor], thresholds: Sequence[float]) -> torch.Tensor:

@@ -25,6 +25,7 @@ __all__ = [
     "EntropyScorer",
     "LaplacianScorer",
     "UpsampleMSEScorer",
+    "CheckedScorer",
     "build_scorer",
 ]
 
@@ -280,9 +281,45 @@ class UpsampleMSEScorer:
 _SCORERS = {"entropy": EntropyScorer, "laplacian": LaplacianScorer, "upsample_mse": UpsampleMSEScorer}
 
 
+class CheckedScorer:
+    """A scorer given as a callable, whose output is checked on every call (host metadata only,
+    no device sync): a wrong return is an error that names the scorer and the shapes expected,
+    not an index error deep inside the layout."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.name = getattr(fn, "__qualname__", type(fn).__name__)
+
+    def __call__(self, gray: torch.Tensor, base_patch_size: int, num_levels: int) -> list[torch.Tensor]:
+        scores = self.fn(gray, base_patch_size, num_levels)
+        b, h, w = gray.shape
+        shapes = [(b, h // (base_patch_size << k), w // (base_patch_size << k)) for k in range(1, num_levels + 1)]
+        contract = (
+            f"a scorer returns a list of {num_levels} tensors, scores[k-1] of shape (B, H / (p 2^k), W / (p 2^k)), "
+            f"here {shapes}, on the input's device ({gray.device})"
+        )
+        if not isinstance(scores, (list, tuple)):
+            raise TypeError(f"scorer {self.name} returned {type(scores).__name__}; {contract}")
+        if len(scores) != num_levels:
+            raise ValueError(f"scorer {self.name} returned {len(scores)} score maps; {contract}")
+        for k, (score, shape) in enumerate(zip(scores, shapes), start=1):
+            what = f"scorer {self.name}'s scores[{k - 1}]"
+            if not isinstance(score, torch.Tensor):
+                raise TypeError(
+                    f"{what} is a {type(score).__name__}, not a torch.Tensor; convert it with "
+                    f"torch.as_tensor(score, device=gray.device) ({contract})"
+                )
+            if tuple(score.shape) != shape or score.device != gray.device:
+                raise ValueError(f"{what} has shape {tuple(score.shape)} on {score.device}; {contract}")
+            if score.is_complex() or score.dtype == torch.bool:
+                raise TypeError(f"{what} has dtype {score.dtype}; scores must be real numbers (float)")
+        return list(scores)
+
+
 def build_scorer(scorer: "str | object", **kwargs) -> object:
     """A scorer from its name (``entropy``, ``laplacian``, ``upsample_mse``) or a callable with
-    the scorer signature ``(gray, base_patch_size, num_levels) -> list[Tensor]``."""
+    the scorer signature ``(gray, base_patch_size, num_levels) -> list[Tensor]`` (its output is
+    checked on every call, see :class:`CheckedScorer`)."""
     if isinstance(scorer, str):
         if scorer not in _SCORERS:
             raise ValueError(f"unknown scorer {scorer!r}; choose one of {sorted(_SCORERS)}")
@@ -291,4 +328,4 @@ def build_scorer(scorer: "str | object", **kwargs) -> object:
         raise TypeError(f"scorer must be a name or a callable, got {type(scorer).__name__}")
     if kwargs:
         raise ValueError("scorer options apply only when the scorer is given by name")
-    return scorer
+    return scorer if isinstance(scorer, (*_SCORERS.values(), CheckedScorer)) else CheckedScorer(scorer)

@@ -14,6 +14,7 @@ from apt_dense.checkpoints import (
     UnsafeCheckpointError,
     load_state_dict_checked,
     read_checkpoint,
+    state_dict_tensors,
     unwrap_state_dict,
 )
 from apt_dense.param_groups import freeze_all_but_apt_layers
@@ -118,6 +119,36 @@ def test_checked_loading_reports_apt_layers_and_raises_on_shapes(caplog):
     with pytest.raises(ValueError, match="shape mismatch") as err:
         load_state_dict_checked(model, state)
     assert "blocks.0.mlp.fc1.weight: checkpoint (7, 32)" in str(err.value) and "pos_embed: checkpoint (1, 5, 32)" in str(err.value)
+
+
+def test_numpy_state_dicts_load_like_tensors(tmp_path):
+    # a legacy .pkl (detectron2's model zoo) holds numpy arrays: they load as the same weights
+    source = tiny()
+    path = tmp_path / "model_final.pkl"
+    with path.open("wb") as f:
+        pickle.dump({"model": {k: v.numpy() for k, v in source.state_dict().items()}, "__author__": "x"}, f)
+    state = unwrap_state_dict(read_checkpoint(path))
+    state["blocks.0.attn.qkv.weight"] = state["blocks.0.attn.qkv.weight"][:, ::-1]  # a negative-stride view
+    state["pos_embed"].flags.writeable = False
+    model = tiny()
+    assert load_state_dict_checked(model, state) == ([], [])
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, torch.tensor(np.array(state[key]))), key
+    assert state_dict_tensors({"n": np.int64(3)})["n"].item() == 3
+
+
+@pytest.mark.parametrize(
+    "state, match",
+    [
+        ({0: torch.zeros(1)}, r"keys must be parameter names \(str.*got 0 \(int\)"),
+        ({"w": [1.0, 2.0]}, r"entry 'w' is a list .* not a tensor or numpy array.*unwrap_state_dict"),
+        ({"meta": {"iter": 3}}, r"entry 'meta' is a dict"),
+        ({"w": np.array(["a"])}, r"entry 'w' is a numpy array of <U1, not of numbers"),
+    ],
+)
+def test_state_dicts_that_are_not_tensors_are_a_clear_error(state, match):
+    with pytest.raises(TypeError, match=match):
+        load_state_dict_checked(tiny(), state)
 
 
 def test_freeze_all_but_apt_layers_keeps_batch_norm_statistics():

@@ -84,6 +84,18 @@ def test_new_batch_and_image_sizes_do_not_recompile():
     assert counter.frame_count == 2
 
 
+@pytest.mark.parametrize("block_type", ["vitdet", "eva02"])
+def test_image_sizes_with_and_without_padded_windows_do_not_recompile(block_type):
+    # 6x10 and 10x6 cells are padded to 8x12 / 12x8 by the 4-cell windows, 8x8 is not; relative
+    # positions of global blocks span each image's own grid
+    extra = dict(mlp_ratio=4.0, use_rel_pos=True, rel_pos_zero_init=False) if block_type == "vitdet" else {}
+    model = tiny(block_type=block_type, thresholds={32: 4.0}, **extra)
+    sizes = [(96, 160), (128, 128), (160, 96), (96, 96)]
+    batches = [stream(seed + 1, size)[seed] for seed, size in enumerate(sizes)]
+    counter = assert_stream_compiles_once(model, batches)
+    assert counter.frame_count == 2
+
+
 def test_dense_model_compiles_once():
     # the baseline side: equal-length sequences by construction, a plain batched SDPA in the graph
     model = tiny(adaptive=False)
@@ -226,7 +238,7 @@ def test_bucketed_op_matches_naive(lengths):
     seqs = make_seqs(lengths)
     plan = bucket_plan(seqs, torch.device("cpu"))
     q, k, v = (t.requires_grad_() for t in qkv(sum(lengths)))
-    out = torch.ops.apt_dense.bucketed_sdpa(q, k, v, list(plan.slots), list(plan.key_ok), None, None, None, [0, 0])
+    out = torch.ops.apt_dense.bucketed_sdpa(q, k, v, list(plan.slots), list(plan.key_ok), None, None, None, plan.frame_size)
     out.square().sum().backward()
     q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
     reference = naive(q2, k2, v2, lengths)
@@ -235,4 +247,4 @@ def test_bucketed_op_matches_naive(lengths):
     for a, b in ((q, q2), (k, k2), (v, v2)):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-5)
     torch.library.opcheck(torch.ops.apt_dense.bucketed_sdpa.default,
-                          (q, k, v, list(plan.slots), list(plan.key_ok), None, None, None, [0, 0]))
+                          (q, k, v, list(plan.slots), list(plan.key_ok), None, None, None, plan.frame_size))

@@ -81,6 +81,23 @@ def test_yacs_registry_builder():
     assert set(backbone(torch.randn(1, 3, 256, 256))) == {"p2", "p3", "p4", "p5", "p6"}
 
 
+def test_command_line_threshold_override_replaces_the_configs():
+    # LazyConfig's key=value override adds the key "32" beside the config's 32: the later one wins
+    cfg = shrink(LazyConfig.load(str(PROJECTS / "apt_vitdet_b.py")))
+    cfg = LazyConfig.apply_overrides(cfg, ["model.backbone.net.thresholds.32=1.5"])
+    assert set(cfg.model.backbone.net.thresholds) == {32, 64, 128, "32"}
+    net = instantiate(cfg.model.backbone).net
+    assert net.planner.schedule.threshold_map() == {32: 1.5, 64: 2.0, 128: 0.3}
+
+
+def test_window_arguments_keep_detectron2s_meaning():
+    # detectron2's ViT attends within windows only in listed blocks: a window size alone is global
+    args = dict(img_size=64, embed_dim=32, depth=2, num_heads=2, thresholds={32: 3.0})
+    assert APTViT(window_size=14, window_block_indexes=[], **args).window_size == 0
+    assert APTViT(window_size=0, window_block_indexes=[0], **args).attention_backends("cpu", torch.float32) == {"global": "sdpa"}
+    assert APTViT(window_size=2, window_block_indexes=[0], **args).window_size == 2
+
+
 @pytest.mark.parametrize("config", ["apt_mask_rcnn_vitdet_b.py", "apt_vitdet_b.py", "apt_vitdet_l.py",
                                     "apt_vitdet_l_finetune.py", "apt_tiny_e2e.py"])
 def test_project_configs_build_and_reload(config, tmp_path):

@@ -1,8 +1,9 @@
 """Bad input gets a clear error that names the fix."""
+import numpy as np
 import pytest
 import torch
 
-from apt_dense import APTViT
+from apt_dense import APTViT, TokenPlanner
 from apt_dense.schedule import thresholds_from_sequence
 
 
@@ -91,6 +92,30 @@ def test_dense_mode_needs_only_patch_multiples():
         (dict(thresholds={32: 1.0, "32": 2.0}), r"patch size 32 twice \(keys 32 and '32'\); keep one"),
         (dict(thresholds={32: "2.0"}), "threshold for 32 px patches must be a real number .* got '2.0'"),
         (dict(thresholds={32: torch.tensor([2.0])}), "must be a real number .* 0-d tensor"),
+        # options that did nothing, or gave NaN features, or failed deep inside torch
+        (dict(window_size=4), r"window_size=4 does nothing without window_block_indexes: list the blocks .* or set "
+                              r"window_size=0 for global attention in every block"),
+        (dict(window_size=-4, window_block_indexes=(0,)), "window_size must be non-negative, got -4"),
+        (dict(use_cls_token=True, window_size=4), "a cls token needs global attention in every block; drop window_size"),
+        (dict(block_type="eva02", rope_theta=0.0), r"rope_theta must be greater than 0, got 0; .*10000"),
+        (dict(rope_theta=-1.0), "rope_theta must be greater than 0"),
+        (dict(rope_pretrain_len=0), "rope_pretrain_len must be greater than 0"),
+        (dict(out_indices="0"), r"out_indices must be a list of block indices \(integers\), got '0' \(str\); write out_indices=\[0\]"),
+        (dict(out_indices=(0.0,)), r"out_indices must be block indices \(integers\), got 0.0 \(float\) in \[0.0\]; write out_indices=\[0\]"),
+        (dict(out_indices=()), "out_indices must name at least one block"),
+        (dict(depth="2"), r"depth must be an integer, got '2' \(str\); write depth=2"),
+        (dict(embed_dim=32.0), r"embed_dim must be an integer, got 32.0 \(float\); write embed_dim=32"),
+        (dict(num_heads=True), r"num_heads must be an integer, got True \(bool\)"),
+        (dict(mlp_ratio=-1), r"mlp_ratio must be greater than 0, got -1; the MLP is mlp_ratio \* embed_dim wide"),
+        (dict(mlp_ratio="4"), r"mlp_ratio must be a real number, got '4' \(str\)"),
+        (dict(mlp_ratio=0.01), "mlp_ratio 0.01 gives an MLP of 0 hidden units at embed_dim 32"),
+        (dict(drop_path_rate=1.5), r"drop_path_rate must be at least 0 and below 1, got 1.5; it is the probability"),
+        (dict(drop_path_rate=-0.1), "drop_path_rate must be at least 0 and below 1"),
+        (dict(drop_path_rate=float("nan")), "drop_path_rate must be a finite number"),
+        (dict(patch_size=0, thresholds={32: 1.0}), "patch_size must be positive, got 0"),
+        (dict(patch_size=16.0), r"patch_size must be an integer, got 16.0 \(float\); write patch_size=16"),
+        (dict(window_size=4, window_block_indexes="0"), r"window_block_indexes must be a list of block indices"),
+        (dict(window_size=4, window_block_indexes=(3,)), r"window_block_indexes \[3\] out of range for depth 1"),
     ],
 )
 def test_bad_construction(kwargs, match):
@@ -107,3 +132,26 @@ def test_bad_construction(kwargs, match):
 def test_bad_threshold_sequences(thresholds, patch_sizes, match):
     with pytest.raises((ValueError, TypeError), match=match):
         thresholds_from_sequence(thresholds, patch_sizes)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(window_size=-4), "window_size must be non-negative, got -4; use 0 for no window attention"),
+        (dict(window_size=4.0), r"window_size must be an integer, got 4.0 \(float\); write window_size=4"),
+        (dict(patch_size=0, thresholds={32: 1.0}), "patch_size must be positive, got 0"),  # not the thresholds
+        (dict(in_chans=0), "in_chans must be positive"),
+    ],
+)
+def test_bad_planner_construction(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        TokenPlanner(**kwargs)
+
+
+def test_config_numbers_in_other_types_still_build():
+    # numpy integers and floats (YAML, numpy arithmetic), one out index as an int, drop path 0
+    model = APTViT(img_size=np.int64(64), embed_dim=np.int32(32), depth=np.int64(2), num_heads=np.int64(4),
+                   mlp_ratio=np.float32(4.0), drop_path_rate=np.float64(0.0), out_indices=np.int64(1),
+                   window_size=np.int64(2), window_block_indexes=np.array([0]), thresholds={"32": np.float32(5.5)})
+    assert model.out_indices == (1,) and model.window_size == 2 and type(model.embed_dim) is int
+    assert model.forward_features(torch.rand(1, 3, 64, 64) * 255).features[0].shape == (1, 32, 4, 4)

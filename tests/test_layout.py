@@ -167,3 +167,25 @@ def test_layout_invariants_real_photo_crops(photos, photo, top, left, cells, thr
                    window_size=window, window_block_indexes=(0,) if window else ())
     layout = model.planner(crop.unsqueeze(0))
     check_layout(layout, window)
+
+
+def test_process_wide_caches_do_not_grow_with_token_counts():
+    """A long stream of batches keeps a fixed set of cached objects: what is cached is keyed by
+    the image grid (geometry, at most 64 grids) or the backend choice, never by token counts;
+    bucket plans live on their layout."""
+    from apt_dense import attention, layout as layout_module
+
+    model = APTViT(img_size=128, embed_dim=32, depth=2, num_heads=2, use_rel_pos=True, window_size=4,
+                   window_block_indexes=(0,), thresholds={32: 4.0, 64: 4.0}).eval()
+    g = torch.Generator().manual_seed(0)
+    layout_module._geometry.cache_clear()
+    sizes = []
+    with torch.no_grad():
+        for step in range(12):
+            x = torch.rand(2, 3, 128, 128, generator=g) * 255
+            flat = (torch.rand(2, 1, 4, 4, generator=g) < step / 12).repeat_interleave(32, 2).repeat_interleave(32, 3)
+            out = model(torch.where(flat, torch.full_like(x, 90.0), x))
+            sizes.append((out.layout.num_tokens, layout_module._geometry.cache_info().currsize, len(attention._reported)))
+    assert len({tokens for tokens, _, _ in sizes}) > 6
+    assert {cached for _, cached, _ in sizes} == {1} and len({reported for _, _, reported in sizes}) == 1
+    assert layout_module._geometry.cache_info().maxsize == 64

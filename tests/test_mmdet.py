@@ -1,8 +1,11 @@
 """MMDetection 3.x plugin. Skipped as a whole without mmdet and mmcv's compiled ops."""
+import json
+import pickle
 import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import require_openmmlab
@@ -284,6 +287,45 @@ def test_backbone_checkpoints_fail_loudly(tmp_path):
     build(cfg).backbone.init_weights()  # a trusted legacy file
 
 
+def test_detectron2_pkl_of_numpy_arrays_loads_through_init_cfg(tmp_path):
+    # detectron2's model zoo .pkl: numpy arrays under backbone.net.*, read as data, loaded as tensors
+    source = build(tiny_cfg()).backbone
+    perturb(source)
+    state = {f"backbone.net.{k}": v.numpy() for k, v in source.state_dict().items() if not is_apt_layer(k)}
+    state["backbone.simfp_2.0.weight"] = np.zeros((64, 32, 2, 2), np.float32)
+    path = tmp_path / "model_final.pkl"
+    with path.open("wb") as f:
+        pickle.dump({"model": state, "__author__": "Detectron2 Model Zoo"}, f)
+    model = build(tiny_cfg(init_cfg=dict(type="Pretrained", checkpoint=str(path))))
+    model.init_weights()
+    for key, value in source.state_dict().items():
+        assert torch.equal(model.backbone.state_dict()[key], value) or is_apt_layer(key), key
+
+
+def test_mmengine_training_checkpoint_loads_through_init_cfg(tmp_path):
+    # what APTRunner saves: the detector's state dict with the message hub's log buffers beside it
+    from mmengine.logging import MessageHub
+
+    source = build(tiny_cfg())
+    perturb(source)
+    hub = MessageHub.get_instance("apt_init_cfg_test")
+    hub.update_scalar("train/loss", 1.5)
+    path = tmp_path / "iter_20.pth"
+    torch.save({"meta": {"iter": 20}, "state_dict": source.state_dict(), "message_hub": hub.state_dict()}, path)
+    model = build(tiny_cfg(init_cfg=dict(type="Pretrained", checkpoint=str(path))))
+    model.init_weights()
+    for key, value in source.backbone.state_dict().items():
+        assert torch.equal(model.backbone.state_dict()[key], value), key
+
+
+def test_cfg_options_threshold_override_replaces_the_configs():
+    # --cfg-options model.backbone.thresholds.32=1.5 merges the key "32" beside the config's 32
+    cfg = tiny_cfg(EVA02, window_size=8)
+    cfg.merge_from_dict({"model.backbone.thresholds.32": 1.5})
+    assert set(cfg.model.backbone.thresholds) == {32, 64, 128, "32"}
+    assert build(cfg).backbone.planner.schedule.threshold_map() == {32: 1.5, 64: 2.0, 128: 0.3}
+
+
 TINY_BACKBONE = dict(img_size=128, embed_dim=64, depth=4, num_heads=2, window_size=4, window_block_indexes=[0, 2])
 
 
@@ -299,10 +341,12 @@ TINY_BACKBONE = dict(img_size=128, embed_dim=64, depth=4, num_heads=2, window_si
         (dict(block_type="eva02", act_cfg=dict(type="ReLU")), "SwiGLU"),
         (dict(thresholds={32: float("nan")}), "finite"),
         (dict(window_block_indexes=[0, 7]), "out of range"),
+        (dict(depth="4"), r"depth must be an integer, got '4' \(str\); write depth=4"),
+        (dict(drop_path_rate=1.5), "drop_path_rate must be at least 0 and below 1"),
     ],
 )
 def test_bad_backbone_configs(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((ValueError, TypeError), match=match):
         MODELS.build(dict(TINY_BACKBONE, type="APTViT", **kwargs))
 
 
@@ -376,6 +420,53 @@ def test_tiny_coco_folder_is_an_mmdet_coco_dataset(tmp_path):
     sample = dataset[0]
     assert tuple(sample["inputs"].shape) == (3, 128, 128)
     assert len(sample["data_samples"].gt_instances) > 0 and sample["data_samples"].gt_instances.masks is not None
+
+
+def wide_coco(root):
+    """A COCO folder holding a 900x300 photo and a square one, one box each (the tiny config's classes)."""
+    from PIL import Image
+    from skimage import data
+
+    (root / "images").mkdir(parents=True)
+    images, annotations = [], []
+    for i, (w, h) in enumerate([(900, 300), (256, 256)], start=1):
+        Image.fromarray(data.astronaut()).resize((w, h)).save(root / "images" / f"{i}.png")
+        images.append(dict(id=i, file_name=f"{i}.png", width=w, height=h))
+        x, y, side = w // 4, h // 4, min(w, h) // 3
+        annotations.append(dict(id=i, image_id=i, category_id=1, bbox=[x, y, side, side], area=side * side, iscrowd=0,
+                                segmentation=[[x, y, x + side, y, x + side, y + side, x, y + side]]))
+    categories = [dict(id=1, name="square"), dict(id=2, name="disc")]
+    (root / "instances.json").write_text(json.dumps(dict(images=images, annotations=annotations, categories=categories)))
+    return root
+
+
+def test_letterbox_test_pipeline_clips_boxes_to_the_image(tmp_path):
+    # the canvas is padded, but img_shape stays the image's: the heads clip boxes to the image
+    cfg = Config.fromfile(str(CONFIGS / "apt_vitdet_mask-rcnn_tiny_e2e.py"))
+    cfg.test_dataloader.dataset.data_root = str(wide_coco(tmp_path))
+    sample = DATASETS.build(cfg.test_dataloader.dataset)[0]
+    assert tuple(sample["inputs"].shape) == (3, 128, 128)
+    meta = sample["data_samples"].metainfo
+    assert meta["ori_shape"] == (300, 900) and meta["img_shape"] == (43, 128)
+
+
+@pytest.mark.slow
+def test_test_det_on_a_wide_image(tmp_path):
+    """tools/test_det.py on a 900x300 image: detections in the canvas's padding used to be
+    rescaled beyond the image, and mmdet's CPU mask pasting failed on them."""
+    from openmmlab_tool_runs import run
+
+    config = CONFIGS / "apt_vitdet_mask-rcnn_tiny_e2e.py"
+    torch.manual_seed(0)
+    detector = MODELS.build(Config.fromfile(str(config)).model)
+    with torch.no_grad():
+        for p in detector.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # a random detector: boxes anywhere on the canvas
+    torch.save({"meta": {}, "state_dict": detector.state_dict()}, tmp_path / "detector.pth")
+    root = wide_coco(tmp_path / "coco")
+    result = run([str(ROOT / "tools" / "test_det.py"), str(config), str(tmp_path / "detector.pth"),
+                  "--work-dir", str(tmp_path / "work"), "--data-root", str(root)])
+    assert "coco/segm_mAP:" in result.stdout
 
 
 def test_mmdet_vit_defaults_and_the_mmseg_plugin_side_by_side():

@@ -5,7 +5,9 @@ Every run goes through the tools a user runs (``tools/train_det.py``, ``tools/te
 ``python -m torch.distributed.run ... --launcher pytorch``) on the tiny Mask R-CNN and a generated
 COCO-format folder.
 """
+import json
 import re
+import shutil
 import sys
 
 import pytest
@@ -138,3 +140,15 @@ def test_two_process_test_reports_the_same_metrics(tmp_path, data_root, pretrain
                             distributed=True).stdout)
     assert {"coco/bbox_mAP", "coco/segm_mAP", "apt_kept_fraction"} <= set(single)
     assert single == double
+
+
+def test_training_set_without_annotations_is_named_before_training(tmp_path, data_root):
+    root = tmp_path / "coco"
+    shutil.copytree(data_root, root)
+    instances = json.loads((root / "instances.json").read_text())
+    (root / "instances.json").write_text(json.dumps(dict(instances, annotations=[])))
+    result = run(train_args(tmp_path / "work", str(root), "train_cfg.max_iters=2"), expect_ok=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: the train split is empty: CocoDataset at {root}") and "ann_file instances.json" in line
+    assert "images without annotations are left out (filter_cfg.filter_empty_gt)" in line

@@ -162,17 +162,43 @@ def test_apt_only_finetune_config_freezes_everything_else():
     [
         (dict(init_values=0.1), "init_values"),
         (dict(use_rel_pos_bias=True), "use_rel_pos_bias"),
-        (dict(out_indices=[3, 5, 7]), "four block indices"),
+        (dict(out_indices=[1, 2, 3]), "four block indices"),
         (dict(patch_size=14), "patch_size 16"),
         (dict(thresholds={32: float("nan")}), "finite"),
         (dict(window_size=8, window_block_indexes=[0]), "global attention in every block"),
+        (dict(window_size=4), "global attention in every block; drop window_size"),  # ran without windows
+        (dict(out_indices="0, 1, 2, 3"), r"out_indices must be a list .* write out_indices=\[0, 1, 2, 3\]"),
+        (dict(embed_dim=64.0), r"embed_dim must be an integer, got 64.0 \(float\); write embed_dim=64"),
     ],
 )
 def test_bad_backbone_configs(kwargs, match):
     args = dict(TINY_BACKBONE, img_size=128)
     args.update(kwargs)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((ValueError, TypeError), match=match):
         APTViTSegBackbone(**args)
+
+
+def test_cfg_options_threshold_override_replaces_the_configs():
+    # --cfg-options model.backbone.thresholds.32=4.0 merges the key "32" beside the config's 32
+    cfg = Config.fromfile(str(CONFIGS / "apt_upernet_eva02_b_512_ade20k.py"))
+    cfg.merge_from_dict({"model.backbone.thresholds.32": 4.0})
+    assert set(cfg.model.backbone.thresholds) == {32, "32"}
+    cfg.model.backbone.update(TINY_BACKBONE)
+    backbone = MODELS.build(cfg.model.backbone)
+    assert backbone.planner.schedule.threshold_map() == {32: 4.0}
+
+
+def test_mmengine_training_checkpoint_loads(tmp_path):
+    # what APTRunner saves: the model's state dict with the message hub's log buffers beside it
+    from mmengine.logging import MessageHub
+
+    _, source = tiny_model()
+    hub = MessageHub.get_instance("apt_seg_checkpoint_test")
+    hub.update_scalar("train/loss", 1.5)
+    path = tmp_path / "iter_20.pth"
+    torch.save({"meta": {"iter": 20}, "state_dict": source.state_dict(), "message_hub": hub.state_dict()}, path)
+    _, model = tiny_model()
+    assert load_apt_checkpoint(model, path) == ([], [])
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ ADE20K-format folder.
 """
 import json
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -122,23 +123,63 @@ def lrs(work: Path) -> dict[int, float]:
     return found
 
 
-@pytest.mark.parametrize("how", ["--resume", "resume=True"])
-def test_resume_continues_at_the_next_iteration_with_the_same_lr(tmp_path, data_root, pretrained, how):
+@pytest.mark.parametrize("how, moved", [("--resume", True), ("resume=True", False)], ids=["moved-dir", "in-place"])
+def test_resume_continues_at_the_next_iteration_with_the_same_lr(tmp_path, data_root, pretrained, how, moved):
+    """Stopped after 5 of 8 iterations and resumed in its work dir (moved to another path first in
+    one case: mmengine's ``last_checkpoint`` names the old absolute path): iterations 6..8 run
+    once each with the uninterrupted run's learning rates. A plain run there is refused and
+    leaves the checkpoints as they were."""
     common = [f"load_from={pretrained}", "default_hooks.logger.interval=1", "default_hooks.checkpoint.interval=5"]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     run(train_args(straight, data_root, *common, "train_cfg.max_iters=8"))
-    run(train_args(stopped, data_root, *common, "train_cfg.max_iters=5"))
+    first = tmp_path / "first" if moved else stopped
+    run(train_args(first, data_root, *common, "train_cfg.max_iters=5"))
+    if moved:
+        shutil.move(first, stopped)
+        assert str(first) in (stopped / "last_checkpoint").read_text()  # the marker still names the old path
+    saved = (stopped / "iter_5.pth").read_bytes()
 
     again = run(train_args(stopped, data_root, *common, "train_cfg.max_iters=8"), expect_ok=False)
-    assert again.returncode != 0 and "holds checkpoints of an earlier run" in again.stderr
-    assert not (stopped / "iter_8.pth").exists()
+    assert again.returncode != 0 and "Traceback" not in again.stderr
+    assert again.stderr.strip().splitlines()[-1] == (
+        f"error: work dir {stopped} holds checkpoints of an earlier run (latest: {stopped / 'iter_5.pth'}); "
+        "continue it with --resume (or resume=True), or start a new run with another --work-dir")
+    assert not (stopped / "iter_8.pth").exists() and (stopped / "iter_5.pth").read_bytes() == saved
 
     args = train_args(stopped, data_root, *common, "train_cfg.max_iters=8")
     args = args + ["--resume"] if how == "--resume" else args + ["resume=True"]
-    run(args)
+    log = run(args)
+    assert "holds no checkpoint" not in log.stdout + log.stderr
     expected, resumed = lrs(straight), lrs(stopped)
     assert sorted(expected) == list(range(1, 9))
     assert {i: len(v) for i, v in resumed.items()} == {i: 1 for i in range(1, 9)}  # 6..8 only after resuming
     for i in range(1, 9):
         assert resumed[i][0] == pytest.approx(expected[i][0], rel=1e-12), i
     assert (stopped / "iter_8.pth").exists()
+    assert (stopped / "last_checkpoint").read_text().strip() == str(stopped / "iter_8.pth")
+
+
+def test_empty_val_split_is_named_before_training(tmp_path, data_root):
+    root = tmp_path / "ade"
+    shutil.copytree(data_root, root)
+    for split in ("images", "annotations"):
+        shutil.rmtree(root / split / "validation")
+        (root / split / "validation").mkdir()
+    work = tmp_path / "work"
+    result = run(train_args(work, str(root), "train_cfg.max_iters=2"), expect_ok=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: the val split is empty: ADE20KDataset at {root}") and "holds no samples" in line
+    assert "validation" in line and not list(work.glob("iter_*.pth"))
+
+
+def test_corrupt_label_names_its_file(tmp_path, data_root):
+    root = tmp_path / "ade"
+    shutil.copytree(data_root, root)
+    labels = sorted((root / "annotations" / "training").glob("*.png"))
+    for label in labels:
+        label.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    result = run(train_args(tmp_path / "work", str(root), "train_cfg.max_iters=2"), expect_ok=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "error: cannot load the sample" in result.stderr
+    assert any(str(label) in result.stderr for label in labels), result.stderr[-2000:]

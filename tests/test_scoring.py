@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from apt_dense import EntropyScorer, LaplacianScorer, UpsampleMSEScorer, build_scorer, to_intensity
+from apt_dense import EntropyScorer, LaplacianScorer, TokenPlanner, UpsampleMSEScorer, build_scorer, to_intensity
 from conftest import photo_batch
 
 
@@ -139,3 +139,33 @@ def test_build_scorer_errors():
         EntropyScorer(bins=1)
     with pytest.raises(ValueError, match="only when the scorer is given by name"):
         build_scorer(lambda g, p, k: [], bins=3)
+
+
+def level_means(gray, p, levels):
+    return [torch.nn.functional.avg_pool2d(gray.unsqueeze(1), p << k).squeeze(1) for k in range(1, levels + 1)]
+
+
+@pytest.mark.parametrize(
+    "scorer, error, match",
+    [
+        (lambda g, p, k: None, TypeError, r"returned NoneType; a scorer returns a list of 2 tensors, .* here \[\(2, 2, 4\), \(2, 1, 2\)\]"),
+        (lambda g, p, k: level_means(g, p, k)[:1], ValueError, "returned 1 score maps"),
+        (lambda g, p, k: [s.numpy() for s in level_means(g, p, k)], TypeError,
+         r"scores\[0\] is a ndarray, not a torch.Tensor; convert it with torch.as_tensor\(score, device=gray.device\)"),
+        (lambda g, p, k: level_means(g, p, k)[::-1], ValueError, r"scores\[0\] has shape \(2, 1, 2\) on cpu"),
+        (lambda g, p, k: [s > 1 for s in level_means(g, p, k)], TypeError, "dtype torch.bool; scores must be real"),
+    ],
+)
+def test_a_scorer_returning_the_wrong_thing_is_a_clear_error(scorer, error, match):
+    from apt_dense import APTViT
+
+    model = APTViT(img_size=64, embed_dim=32, depth=1, num_heads=2, thresholds={32: 4.0, 64: 4.0}, scorer=scorer)
+    with pytest.raises(error, match=match):
+        model.forward_features(torch.rand(2, 3, 64, 96) * 255)
+
+
+def test_a_callable_scorer_plans_like_the_named_one(photos):
+    x = photo_batch(photos[:2], 128)
+    named = TokenPlanner(thresholds={32: 5.0, 64: 5.0})
+    custom = TokenPlanner(thresholds={32: 5.0, 64: 5.0}, scorer=lambda g, p, k: EntropyScorer()(g, p, k))
+    assert torch.equal(named(x).cell_level, custom(x).cell_level)

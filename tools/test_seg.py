@@ -35,12 +35,12 @@ def parse_args(argv=None, description: str = __doc__):
 def main(argv=None, *, description: str = __doc__, prepare: Callable[[Config, argparse.Namespace], None] | None = None) -> dict:
     """Test; ``prepare(cfg, args)`` adapts the config for a task (tools/test_det.py)."""
     args = parse_args(argv, description)
-    cfg = load_config(args)
-    if prepare is not None:
-        prepare(cfg, args)
-    cfg.load_from = args.checkpoint
-    cfg.resume = False
     with closing_process_group():
+        cfg = load_config(args)
+        if prepare is not None:
+            prepare(cfg, args)
+        cfg.load_from = args.checkpoint
+        cfg.resume = False
         metrics = APTRunner.from_cfg(cfg).test()
         if is_main_process():
             print(", ".join(f"{k}: {float(v):.4f}" for k, v in metrics.items()))

@@ -15,12 +15,15 @@ import argparse
 import contextlib
 import os
 import os.path as osp
+import sys
 from collections.abc import Callable
 
 import torch.distributed as torch_dist
 from mmengine.config import Config, DictAction
 
 from apt_dense.openmmlab import APTRunner
+from apt_dense.openmmlab.runner import RunError, SampleLoadError
+from apt_dense.outputs import check_output_folder
 
 
 def add_runner_args(p: argparse.ArgumentParser) -> None:
@@ -49,6 +52,10 @@ def load_config(args) -> Config:
     if args.unsafe_load:
         cfg.allow_pickle_checkpoints = True
     cfg.work_dir = args.work_dir or cfg.get("work_dir") or osp.join("./work_dirs", osp.splitext(osp.basename(args.config))[0])
+    try:
+        check_output_folder(cfg.work_dir, what="--work-dir")
+    except ValueError as err:
+        sys.exit(f"error: {err}")
     return cfg
 
 
@@ -76,8 +83,13 @@ def build_config(args) -> Config:
 def closing_process_group():
     """Destroy the distributed process group before the interpreter exits: left to the exit
     handlers, gloo's threads can abort the process ("terminate called without an active
-    exception") after a run that succeeded."""
-    yield
+    exception") after a run that succeeded. A run that cannot start as configured (a work dir
+    holding an earlier run, an empty split) or a sample that cannot be loaded exits with the
+    message, which says what to do or names the files, instead of a traceback."""
+    try:
+        yield
+    except (RunError, SampleLoadError) as err:
+        sys.exit(f"error: {err}")
     if torch_dist.is_initialized():
         torch_dist.barrier()  # no rank tears down while another still talks to it
         torch_dist.destroy_process_group()
@@ -86,10 +98,10 @@ def closing_process_group():
 def main(argv=None, *, description: str = __doc__, prepare: Callable[[Config, argparse.Namespace], None] | None = None) -> None:
     """Train; ``prepare(cfg, args)`` adapts the config for a task (tools/train_det.py)."""
     args = parse_args(argv, description)
-    cfg = build_config(args)
-    if prepare is not None:
-        prepare(cfg, args)
     with closing_process_group():
+        cfg = build_config(args)
+        if prepare is not None:
+            prepare(cfg, args)
         APTRunner.from_cfg(cfg).train()
 
 

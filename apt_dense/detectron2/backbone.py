@@ -12,8 +12,8 @@ from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 from detectron2.utils.events import get_event_storage
 
 from ..model import APTViT as CoreAPTViT
-from ..model import TokenStats
-from ..schedule import thresholds_from_sequence
+from ..model import TokenStats, host_window_arguments
+from ..schedule import merged_config_thresholds, thresholds_from_sequence
 
 __all__ = ["APTViT", "add_apt_vit_config", "build_apt_vit_fpn_backbone"]
 
@@ -61,6 +61,11 @@ class APTViT(CoreAPTViT, Backbone):
         if rope and not intp_freq:
             raise ValueError("EVA-02 RoPE without intp_freq is not supported; set intp_freq=True")
         del xattn
+        kwargs["thresholds"] = merged_config_thresholds(kwargs.get("thresholds"))  # "32" from an override beside 32
+        # detectron2's ViT: a block attends within windows when listed and window_size > 0
+        kwargs["window_size"], kwargs["window_block_indexes"] = host_window_arguments(
+            kwargs.get("window_size", 0), kwargs.get("window_block_indexes", ())
+        )
         super().__init__(block_type="eva02" if rope else "vitdet", rope_pretrain_len=pt_hw_seq_len, **kwargs)
         if len(self.out_indices) != 1 or self.out_indices[0] != len(self.blocks) - 1:
             raise ValueError("the detectron2 backbone returns the last block's output; do not set out_indices")

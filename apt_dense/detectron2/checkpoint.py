@@ -14,7 +14,7 @@ import logging
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-from ..checkpoints import is_apt_layer, is_recomputed_buffer, read_checkpoint
+from ..checkpoints import is_apt_layer, is_recomputed_buffer, read_checkpoint, state_dict_tensors
 
 __all__ = ["APTCheckpointer", "load_backbone_checkpoint"]
 
@@ -52,7 +52,7 @@ class APTCheckpointer(DetectionCheckpointer):
         return dict(read_checkpoint(f, allow_pickle=self.allow_pickle))
 
     def _load_model(self, checkpoint):
-        state = checkpoint["model"]
+        state = checkpoint["model"] = state_dict_tensors(checkpoint["model"])
         dropped = [k for k in state if is_recomputed_buffer(k)]
         for k in dropped:
             state.pop(k)

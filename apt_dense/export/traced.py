@@ -140,4 +140,4 @@ def _bucket_plan(seqs: PackedSequences, order: torch.Tensor, lengths: torch.Tens
         real = cols.view(1, -1) < lengths[members].view(-1, 1)
         slots.append(torch.where(real, cu[members].view(-1, 1) + cols.view(1, -1), total))
         key_ok.append(torch.zeros(real.shape, device=cu.device).masked_fill(~real, float("-inf")))
-    return BucketPlan(tuple(slots), tuple(key_ok), traced=True)
+    return BucketPlan(tuple(slots), tuple(key_ok), torch.tensor(seqs.frame_size, dtype=torch.int64), traced=True)

@@ -2,9 +2,10 @@
 
 Registers in mmdet's ``MODELS``: the ``APTViT`` backbone (mmdet ViTDet's ``ViT`` arguments and
 key names, ViTDet or EVA-02 blocks), the ``APTSimpleFPN`` neck and its ``APTLN2d`` norm (key
-names of ViTDet's ``SimpleFPN`` / ``LN2d``, which mmdet's package does not ship). Importing it
-also registers :mod:`apt_dense.openmmlab`'s ``APTRunner``, ``APTLayerDecayOptimizerConstructor``
-and ``APTTokenStatsHook``. Needs mmdet 3.x with full mmcv (compiled ops); the core ``apt_dense``
+names of ViTDet's ``SimpleFPN`` / ``LN2d``, which mmdet's package does not ship); in mmdet's
+``TRANSFORMS``, the test pipelines' ``APTLetterboxPad``. Importing it also registers
+:mod:`apt_dense.openmmlab`'s ``APTRunner``, ``APTLayerDecayOptimizerConstructor`` and
+``APTTokenStatsHook``. Needs mmdet 3.x with full mmcv (compiled ops); the core ``apt_dense``
 package never imports them.
 """
 try:
@@ -20,11 +21,13 @@ from ..openmmlab import APTLayerDecayOptimizerConstructor, APTRunner, APTTokenSt
 from .backbone import APTViTDetBackbone
 from .checkpoint import load_pretrained_backbone
 from .neck import APTLN2d, APTSimpleFPN
+from .pipelines import APTLetterboxPad
 
 __all__ = [
     "APTViTDetBackbone",
     "APTSimpleFPN",
     "APTLN2d",
+    "APTLetterboxPad",
     "APTRunner",
     "APTLayerDecayOptimizerConstructor",
     "APTTokenStatsHook",

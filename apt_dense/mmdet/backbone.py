@@ -13,7 +13,8 @@ from mmengine.logging import print_log
 from mmengine.model import BaseModule
 
 from ..model import APTViT as CoreAPTViT
-from ..model import TokenStats
+from ..model import TokenStats, host_window_arguments
+from ..schedule import merged_config_thresholds
 from .checkpoint import load_pretrained_backbone
 
 __all__ = ["APTViTDetBackbone"]
@@ -88,12 +89,15 @@ class APTViTDetBackbone(CoreAPTViT, BaseModule):
             raise ValueError(f"EVA-02 blocks use SwiGLU (SiLU); act_cfg {act_cfg} applies to block_type='vitdet'")
         if init_cfg is not None:
             _check_init_cfg(init_cfg)
+        kwargs["thresholds"] = merged_config_thresholds(kwargs.get("thresholds"))  # "32" from an override beside 32
+        # mmdet's ViT: a block attends within windows when listed and window_size > 0
+        window_size, window_block_indexes = host_window_arguments(window_size, window_block_indexes)
         super().__init__(
             img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, depth=depth,
             num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_path_rate=drop_path_rate,
             norm_layer=partial(_layer_norm, norm_cfg), act_layer=partial(build_activation_layer, act_cfg),
             use_abs_pos=use_abs_pos, use_rel_pos=use_rel_pos, rel_pos_zero_init=rel_pos_zero_init,
-            window_size=window_size, window_block_indexes=window_block_indexes if window_size else (),
+            window_size=window_size, window_block_indexes=window_block_indexes,
             pretrain_img_size=pretrain_img_size, pretrain_use_cls_token=pretrain_use_cls_token,
             block_type=block_type, **kwargs,
         )

@@ -9,6 +9,7 @@ import torch
 from mmengine.logging import print_log
 
 from ..checkpoints import convert_eva02_pretrain, load_state_dict_checked, read_checkpoint, unwrap_state_dict
+from ..openmmlab.runner import MMENGINE_CHECKPOINT_GLOBALS
 
 __all__ = ["backbone_state_dict", "load_pretrained_backbone"]
 
@@ -46,7 +47,8 @@ def load_pretrained_backbone(
 ) -> tuple[list[str], list[str]]:
     """Load a backbone checkpoint (file or dict, see :func:`backbone_state_dict`) into ``model``.
 
-    Files are read as data (``allow_pickle=True`` for trusted legacy files). Shape mismatches
+    Files are read as data (``allow_pickle=True`` for trusted legacy files); mmengine's training
+    checkpoints, with their log buffers, are data too. Shape mismatches
     raise with every offending key; the APT layers are the expected missing keys; every other
     missing key (e.g. MAE has no relative-position tables) is logged as a warning and returned.
 
@@ -55,7 +57,7 @@ def load_pretrained_backbone(
     """
     name = checkpoint if not isinstance(checkpoint, Mapping) else "a state dict"
     if not isinstance(checkpoint, Mapping):
-        checkpoint = read_checkpoint(checkpoint, allow_pickle=allow_pickle)
+        checkpoint = read_checkpoint(checkpoint, allow_pickle=allow_pickle, safe_globals=MMENGINE_CHECKPOINT_GLOBALS)
     state, layout, dropped = backbone_state_dict(checkpoint)
     missing, unexpected = load_state_dict_checked(model, state)
     own = model.state_dict()

@@ -11,6 +11,7 @@ from mmseg.registry import MODELS
 
 from ..model import APTViT as CoreAPTViT
 from ..model import TokenStats
+from ..schedule import merged_config_thresholds
 
 __all__ = ["APTViTSegBackbone"]
 
@@ -72,9 +73,8 @@ class APTViTSegBackbone(CoreAPTViT):
             raise ValueError(f"APTViT supports EVA-02's released segmentation settings; unsupported: {bad}")
         if patch_size != 16:
             raise ValueError(f"the fpn1..fpn4 pyramid is defined for patch_size 16, got {patch_size}")
-        if len(out_indices) != 4:
-            raise ValueError(f"out_indices needs four block indices (strides 4, 8, 16, 32), got {list(out_indices)}")
         del xattn  # EVA-02's xformers switch: APTViT picks its own attention backend
+        kwargs["thresholds"] = merged_config_thresholds(kwargs.get("thresholds"))  # "32" from an override beside 32
         super().__init__(
             img_size=img_size, patch_size=patch_size, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
             norm_layer=partial(nn.LayerNorm, eps=norm_eps), use_abs_pos=use_abs_pos_emb,
@@ -82,6 +82,8 @@ class APTViTSegBackbone(CoreAPTViT):
             use_cls_token=True, block_type="eva02", rope_pretrain_len=pt_hw_seq_len, out_indices=out_indices,
             **kwargs,
         )
+        if len(self.out_indices) != 4:
+            raise ValueError(f"out_indices needs four block indices (strides 4, 8, 16, 32), got {list(self.out_indices)}")
         dim = self.embed_dim
         norm_cfg = fpn_norm_cfg or dict(type="SyncBN", requires_grad=True)
         self.fpn1 = nn.Sequential(

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 import torch
 
 from ..checkpoints import is_recomputed_buffer, load_state_dict_checked, read_checkpoint, unwrap_state_dict
+from ..openmmlab.runner import MMENGINE_CHECKPOINT_GLOBALS
 
 __all__ = ["convert_eva02_seg_checkpoint", "load_apt_checkpoint"]
 
@@ -33,12 +34,13 @@ def load_apt_checkpoint(
 ) -> tuple[list[str], list[str]]:
     """Load an EVA-02 segmentation checkpoint (file or dict) into ``model`` (unwrapped, not DDP).
 
-    Files are read as data (``allow_pickle=True`` for trusted legacy files). Shape mismatches
+    Files are read as data (``allow_pickle=True`` for trusted legacy files); mmengine's training
+    checkpoints, with their log buffers, are data too. Shape mismatches
     raise with every offending key; see :func:`apt_dense.checkpoints.load_state_dict_checked`.
     Returns:
         ``(missing_keys, unexpected_keys)`` other than the APT layers.
     """
     if not isinstance(checkpoint, Mapping):
-        checkpoint = read_checkpoint(checkpoint, allow_pickle=allow_pickle)
+        checkpoint = read_checkpoint(checkpoint, allow_pickle=allow_pickle, safe_globals=MMENGINE_CHECKPOINT_GLOBALS)
     state, _ = convert_eva02_seg_checkpoint(checkpoint)
     return load_state_dict_checked(getattr(model, "module", model), state)

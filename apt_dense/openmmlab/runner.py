@@ -8,14 +8,21 @@
   allowed by name). ``allow_pickle_checkpoints=True`` in the config reads trusted legacy files.
 - **The APT-only fine-tune freezes before DistributedDataParallel wraps the model.**
 - **Resume resumes**: the latest checkpoint of the work dir, else ``load_from``; a new run refuses
-  a work dir that already holds a run's checkpoints instead of overwriting them.
+  a work dir that already holds a run's checkpoints instead of overwriting them. The latest
+  checkpoint is looked up in the work dir itself, so a moved or copied work dir resumes from its
+  own files (mmengine's ``last_checkpoint`` marker holds an absolute path).
+- **Data problems name their files**: an empty split or a training set without annotations is an
+  error naming the dataset's folders before training starts, and a sample that cannot be loaded
+  (e.g. a corrupt label PNG) names its image and label files.
 - **Distributed on CPU**: ``--launcher pytorch`` without CUDA starts gloo (mmengine's
   ``init_dist`` needs CUDA) and wraps the model without ``device_ids``.
 """
 from __future__ import annotations
 
+import os
 import os.path as osp
 import pickle
+import re
 
 import torch
 import torch.distributed as torch_dist
@@ -29,7 +36,7 @@ from mmengine.runner import Runner
 from ..checkpoints import load_state_dict_checked, read_checkpoint, unwrap_state_dict
 from ..param_groups import freeze_all_but_apt_layers
 
-__all__ = ["APTRunner", "MMENGINE_CHECKPOINT_GLOBALS", "apt_layers_only"]
+__all__ = ["APTRunner", "MMENGINE_CHECKPOINT_GLOBALS", "RunError", "SampleLoadError", "apt_layers_only", "latest_checkpoint"]
 
 
 
@@ -44,6 +51,82 @@ def _history_buffer_statistic(owner: type, name: str):
 # What mmengine's training checkpoints hold beyond tensors and arrays: the message hub's log
 # buffers. Passed to read_checkpoint(safe_globals=...).
 MMENGINE_CHECKPOINT_GLOBALS = (HistoryBuffer, (_history_buffer_statistic, "builtins.getattr"))
+
+
+# The names mmengine's CheckpointHook gives checkpoints by default.
+_NUMBERED_CHECKPOINT = re.compile(r"^(?:iter|epoch)_(\d+)\.pth$")
+
+
+def latest_checkpoint(work_dir: str) -> str | None:
+    """The newest checkpoint of the run in ``work_dir``, or None.
+
+    mmengine's ``last_checkpoint`` marker holds the absolute path the checkpoint had when it was
+    written, which a moved or copied work dir no longer matches. So the file it names is looked
+    up in ``work_dir`` first, then at that path (a CheckpointHook ``out_dir`` elsewhere); without a
+    usable marker, the ``iter_N.pth`` / ``epoch_N.pth`` of ``work_dir`` with the highest N.
+    """
+    marker = osp.join(work_dir, "last_checkpoint")
+    if osp.isfile(marker):
+        with open(marker) as f:
+            named = f.read().strip()
+        if named:
+            for candidate in (osp.join(work_dir, osp.basename(named)), named):
+                if osp.isfile(candidate):
+                    return candidate
+    if not osp.isdir(work_dir):
+        return None
+    numbered = [(int(m.group(1)), name) for name in os.listdir(work_dir) if (m := _NUMBERED_CHECKPOINT.match(name))]
+    return osp.join(work_dir, max(numbered)[1]) if numbered else None
+
+
+class RunError(RuntimeError):
+    """A run that cannot start as configured (a work dir holding an earlier run, an empty split,
+    a checkpoint that cannot be resumed); the message says what to do. The tools print it as one
+    line."""
+
+
+class SampleLoadError(RuntimeError):
+    """A dataset sample could not be loaded; the message names its files."""
+
+
+class _NamedSampleErrors:
+    """A dataset's pipeline whose errors name the sample's image and label files (a corrupt
+    file otherwise fails deep inside the image decoder without saying which one)."""
+
+    def __init__(self, pipeline):
+        self.pipeline = pipeline
+
+    def __call__(self, results):
+        try:
+            return self.pipeline(results)
+        except Exception as err:
+            files = [str(results[key]) for key in ("img_path", "seg_map_path") if isinstance(results, dict) and results.get(key)]
+            if not files:
+                raise
+            raise SampleLoadError(f"cannot load the sample {' with '.join(files)}: {type(err).__name__}: {err}") from err
+
+    def __getattr__(self, name: str):
+        # Hooks read the pipeline's attributes (e.g. ``transforms``); unpickling looks up dunders
+        # before ``pipeline`` exists.
+        if name.startswith("__") or "pipeline" not in self.__dict__:
+            raise AttributeError(name)
+        return getattr(self.__dict__["pipeline"], name)
+
+
+def _datasets(dataset) -> list:
+    """``dataset`` and the datasets inside mmengine's wrappers (Concat, Repeat, ClassBalanced)."""
+    inner = getattr(dataset, "datasets", None) or ([dataset.dataset] if hasattr(dataset, "dataset") else [])
+    return [dataset] + [d for child in inner for d in _datasets(child)]
+
+
+def _describe_dataset(cfg) -> str:
+    """``ADE20KDataset at data/ade (data_prefix ..., ann_file ...)`` from a dataset config."""
+    cfg = cfg or {}
+    where = [f"{key} {cfg[key]}" for key in ("data_prefix", "ann_file") if cfg.get(key)]
+    text = f"{cfg.get('type', 'the dataset')} at {cfg.get('data_root') or '.'}" + (f" ({', '.join(where)})" if where else "")
+    if (cfg.get("filter_cfg") or {}).get("filter_empty_gt"):
+        text += "; images without annotations are left out (filter_cfg.filter_empty_gt)"
+    return text
 
 
 def apt_layers_only(cfg) -> bool:
@@ -95,19 +178,44 @@ class APTRunner(Runner):
         if not self._resume:
             previous = self._latest_checkpoint()
             if previous is not None:
-                raise RuntimeError(
+                raise RunError(
                     f"work dir {self.work_dir} holds checkpoints of an earlier run (latest: {previous}); "
                     "continue it with --resume (or resume=True), or start a new run with another --work-dir"
                 )
         return super().train()
 
     def _latest_checkpoint(self) -> str | None:
-        marker = osp.join(self.work_dir, "last_checkpoint")
-        if not osp.isfile(marker):
-            return None
-        with open(marker) as f:
-            path = f.read().strip()
-        return path if path and osp.isfile(path) else None
+        return latest_checkpoint(self.work_dir)
+
+    def _checked_loop(self, split: str, build, loop):
+        """``build(loop)`` with its dataset checked: not empty, and its samples' errors naming files."""
+        dataset_cfg = (self.cfg.get(f"{split}_dataloader") or {}).get("dataset")
+        empty = RunError(f"the {split} split is empty: {_describe_dataset(dataset_cfg)} holds no samples; "
+                           "check --data-root and that split's folders / annotation file")
+        try:
+            loop = build(loop)
+        except ValueError as err:
+            # mmengine serialises a dataset's samples with np.concatenate, which fails on none.
+            if "need at least one array to concatenate" in str(err):
+                raise empty from err
+            raise
+        dataset = getattr(getattr(loop, "dataloader", None), "dataset", None)
+        if dataset is not None:
+            if len(dataset) == 0:
+                raise empty
+            for part in _datasets(dataset):
+                if callable(getattr(part, "pipeline", None)) and not isinstance(part.pipeline, _NamedSampleErrors):
+                    part.pipeline = _NamedSampleErrors(part.pipeline)
+        return loop
+
+    def build_train_loop(self, loop):
+        return self._checked_loop("train", super().build_train_loop, loop)
+
+    def build_val_loop(self, loop):
+        return self._checked_loop("val", super().build_val_loop, loop)
+
+    def build_test_loop(self, loop):
+        return self._checked_loop("test", super().build_test_loop, loop)
 
     def load_or_resume(self) -> None:
         if self._has_loaded:
@@ -133,11 +241,22 @@ class APTRunner(Runner):
     def resume(self, filename: str, *args, **kwargs) -> None:
         checkpoint_meta = self._read(filename).get("meta")
         if not isinstance(checkpoint_meta, dict) or "iter" not in checkpoint_meta:
-            raise ValueError(
+            raise RunError(
                 f"cannot resume from {filename}: it holds weights only, not a training state (no meta/iter). "
                 "To fine-tune from it, pass it as load_from without --resume"
             )
         super().resume(filename, *args, **kwargs)
+        self._rebase_checkpoint_paths(osp.dirname(filename))
+
+    def _rebase_checkpoint_paths(self, folder: str) -> None:
+        """Point the checkpoint paths the message hub carries (CheckpointHook's last and best
+        checkpoints) at their copies in ``folder``, the checkpoint's own folder: after a work dir
+        was moved or copied, the hook would otherwise delete or report the old path's files."""
+        for key, value in list(self.message_hub.runtime_info.items()):
+            if (key == "last_ckpt" or key.startswith("best_ckpt")) and isinstance(value, str):
+                own = osp.join(folder, osp.basename(value))
+                if own != value and osp.isfile(own):
+                    self.message_hub.update_info(key, own)
 
     def _read(self, filename: str) -> dict:
         if "://" in str(filename):
