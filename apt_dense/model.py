@@ -331,6 +331,12 @@ class APTViT(nn.Module):
                 maps[i] = tokens_to_dense(ctx.tokens(x), layout)[..., : crop[0], : crop[1]]
         return [maps[i] for i in self.out_indices]
 
+    def head_outputs(self, features: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The model's named outputs from :meth:`run_blocks`' maps: here one map per
+        ``out_indices`` entry. Subclasses with a head (SAM's encoder and its neck) return what
+        their ``forward`` returns; exported programs (:mod:`apt_dense.export`) return this."""
+        return {f"features_{i}": f for i, f in zip(self.out_indices, features)}
+
     @torch.compiler.disable
     def _plan_and_embed(self, images: torch.Tensor, compiled: bool) -> tuple[PatchLayout, torch.Tensor, PackedContext]:
         """Stages 1-3 and the blocks' per-pass state. Eager even inside ``torch.compile(model)``:

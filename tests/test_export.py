@@ -12,7 +12,8 @@ import torch
 
 from apt_dense import APTViT
 from apt_dense.export import (
-    AOTIRunner, NotExportableError, ONNXRunner, check_exportable, export_program, save_aoti, save_onnx,
+    AOTIRunner, ExportedOutput, NotExportableError, ONNXRunner, check_exportable, export_program, save_aoti,
+    save_onnx,
 )
 from apt_dense.planner import InputScaleWarning
 from apt_dense.presets import IMAGENET_PIXEL_MEAN, IMAGENET_PIXEL_STD
@@ -99,8 +100,8 @@ def program_runner(program, spec):
         thresholds = spec.thresholds if thresholds is None else thresholds
         args = (images, torch.tensor(list(thresholds.values()), dtype=torch.float32)) if spec.merges else (images,)
         with torch.no_grad():
-            *features, tokens, _ = module(*args)
-        return type("Out", (), dict(features=features, tokens_per_image=tokens))
+            outputs = module(*args)
+        return ExportedOutput({name: outputs[name] for name in spec.outputs}, outputs["tokens_per_image"])
 
     return run
 
@@ -166,7 +167,7 @@ def test_non_square_images_are_padded_and_cropped_as_eager(photos):
 
 
 def test_cls_token_exports(stream):
-    model = build("eva02", window_block_indexes=(), use_cls_token=True, thresholds={32: 5.0})
+    model = build("eva02", window_size=0, window_block_indexes=(), use_cls_token=True, thresholds={32: 5.0})
     program, spec = export_program(model, (SIZE, SIZE))
     check_stream(model, program_runner(program, spec), stream[:2], [None])
 
@@ -206,3 +207,25 @@ def test_runner_checks_inputs(exported, stream):
     assert out.tokens_per_image.tolist() == [(SIZE // 16) ** 2] * len(images)
     with pytest.warns(InputScaleWarning, match="raw 0..255"):
         runner(images * 58.0 + 120.0)  # raw pixels fed to a model that undoes normalisation
+
+
+def test_sam_hq_image_encoder_exports_with_its_neck(stream, tmp_path):
+    """SAM's encoder (an APTViT subclass with a neck) plugs in through ``head_outputs``: the
+    exported program returns what its forward returns (SAM-HQ: also the interm embeddings)."""
+    require("sam", "segment_anything")
+    from apt_dense.sam import APTImageEncoderViTHQ
+
+    torch.manual_seed(0)
+    encoder = APTImageEncoderViTHQ(SIZE, 16, 3, 64, 3, 4, 4.0, 32, use_rel_pos=True, rel_pos_zero_init=False,
+                                   window_size=8, global_attn_indexes=(1,), thresholds={32: 4.0}).eval()
+    program, spec = export_program(encoder, (SIZE, SIZE))
+    assert spec.outputs == ("image_embeddings", "interm_embeddings_1")
+    runner = ONNXRunner(save_onnx(program, spec, tmp_path / "sam_hq_encoder.onnx"), threads=2)
+    for images in stream[:2]:
+        with torch.no_grad():
+            embeddings, interm = encoder(images)
+        out = runner(images)
+        assert out.tokens_per_image.tolist() == list(encoder.last_layout.tokens_per_image_host)
+        torch.testing.assert_close(out.outputs["image_embeddings"], embeddings, **TOL)
+        torch.testing.assert_close(out.outputs["interm_embeddings_1"], interm[0], **TOL)
+    assert min(encoder.last_layout.tokens_per_image_host) < (SIZE // 16) ** 2

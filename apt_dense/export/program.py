@@ -23,6 +23,7 @@ __all__ = ["ExportSpec", "NotExportableError", "check_exportable", "export_progr
 
 SPEC_KEY = "apt_dense"  # metadata key in both formats
 SPEC_VERSION = 1
+_PROGRAM_OUTPUTS = ("tokens_per_image", "input_checks")  # beside the model's own
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -39,7 +40,8 @@ class ExportSpec:
         in_chans: input channels.
         dtype: input and weight dtype name (``"float32"``).
         patch_size: base patch size; maps have ``ceil(H / p) x ceil(W / p)`` cells.
-        out_indices: the blocks whose maps are returned, in output order.
+        outputs: the names of the model's outputs (:meth:`~apt_dense.APTViT.head_outputs`), in
+            order; the program also returns ``tokens_per_image`` and ``input_checks``.
         thresholds: ``{patch_size: threshold}`` at export, the runners' default; None when the
             planner cannot merge (the dense model), which has no thresholds input.
         pixel_stats: ``pixel_mean``/``pixel_std`` were given (the scale check undoes them).
@@ -52,7 +54,7 @@ class ExportSpec:
     in_chans: int
     dtype: str
     patch_size: int
-    out_indices: tuple[int, ...]
+    outputs: tuple[str, ...]
     thresholds: dict[int, float] | None
     pixel_stats: bool
     device: str = "cpu"
@@ -73,7 +75,7 @@ class ExportSpec:
 
     @property
     def output_names(self) -> list[str]:
-        return [f"features_{i}" for i in self.out_indices] + ["tokens_per_image", "input_checks"]
+        return [*self.outputs, "tokens_per_image", "input_checks"]
 
     def to_json(self) -> str:
         fields = asdict(self)
@@ -90,7 +92,7 @@ class ExportSpec:
             if fields["thresholds"] is not None:
                 fields["thresholds"] = {int(size): float(value) for size, value in fields["thresholds"].items()}
             fields["image_size"] = tuple(fields["image_size"])
-            fields["out_indices"] = tuple(fields["out_indices"])
+            fields["outputs"] = tuple(fields["outputs"])
             return cls(**fields)
         except (ValueError, KeyError, TypeError) as err:
             raise ValueError(f"{source} has no readable apt_dense export metadata ({err}); re-export it with "
@@ -174,7 +176,7 @@ def export_program(
         in_chans=planner.in_chans,
         dtype=next(k for k, v in _DTYPES.items() if v == param.dtype),
         patch_size=model.patch_size,
-        out_indices=tuple(model.out_indices),
+        outputs=tuple(name for name in program.call_spec.out_spec.context if name not in _PROGRAM_OUTPUTS),
         thresholds=planner.schedule.threshold_map() if planner.merges else None,
         pixel_stats=planner.pixel_mean is not None,
         device=param.device.type,

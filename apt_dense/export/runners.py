@@ -29,12 +29,20 @@ class ExportedOutput:
     """What a runner returns (the exported counterpart of :class:`~apt_dense.APTOutput`).
 
     Attributes:
-        features: one ``(B, C, ceil(H/p), ceil(W/p))`` map per ``spec.out_indices`` entry.
+        outputs: the model's outputs by name, in order (:meth:`~apt_dense.APTViT.head_outputs`):
+            ``features_{i}``, a ``(B, C, ceil(H/p), ceil(W/p))`` map per ``out_indices`` entry
+            of an :class:`~apt_dense.APTViT`; ``image_embeddings`` (and SAM-HQ's
+            ``interm_embeddings_{i}``) of SAM's encoder.
         tokens_per_image: ``(B,)`` int64 tokens each image kept.
     """
 
-    features: list[torch.Tensor]
+    outputs: dict[str, torch.Tensor]
     tokens_per_image: torch.Tensor
+
+    @property
+    def features(self) -> list[torch.Tensor]:
+        """The outputs in order (``forward_features(...).features`` of an ``APTViT``)."""
+        return list(self.outputs.values())
 
 
 class _Runner:
@@ -61,11 +69,12 @@ class _Runner:
             inputs.append(self._thresholds(thresholds))
         elif thresholds is not None:
             raise ValueError(f"{self.source} cannot merge patches (a dense export): it takes no thresholds")
-        *features, tokens, checks = self._run(inputs)
+        *outputs, tokens, checks = self._run(inputs)
         self._check(checks.tolist())
-        return ExportedOutput(list(features), tokens)
+        return ExportedOutput(dict(zip(self.spec.outputs, outputs)), tokens)
 
     def _run(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The program's outputs in ``spec.output_names`` order."""
         raise NotImplementedError
 
     def _images(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -141,7 +150,8 @@ class AOTIRunner(_Runner):
             self.device = torch.device("cuda", device_index)
 
     def _run(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        return list(self._model(*inputs))
+        outputs = self._model(*inputs)
+        return [outputs[name] for name in self.spec.output_names]
 
 
 class ONNXRunner(_Runner):
@@ -172,11 +182,10 @@ class ONNXRunner(_Runner):
             raise ValueError(f"{path} is an ONNX model without apt_dense metadata; export it with "
                              "apt_dense.export.save_onnx or tools/export.py")
         super().__init__(ExportSpec.from_json(metadata[SPEC_KEY], str(path)), path.name)
-        self._outputs = [o.name for o in self._session.get_outputs()]
 
     def _run(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         feed = {name: tensor.numpy() for name, tensor in zip(self.spec.input_names, inputs)}
-        return [torch.from_numpy(array) for array in self._session.run(self._outputs, feed)]
+        return [torch.from_numpy(array) for array in self._session.run(self.spec.output_names, feed)]
 
     def end_profiling(self) -> str:
         """Stop profiling; returns the profile's file name."""

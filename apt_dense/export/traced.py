@@ -36,7 +36,7 @@ _MIN_WIDTH = 2
 
 
 class TracedBackbone(nn.Module):
-    """The module that is exported: ``images [, thresholds] -> (*maps, tokens_per_image, checks)``.
+    """The module that is exported: ``images [, thresholds] -> {name: output}``.
 
     Args:
         model: an :class:`APTViT` (or subclass) in eval mode; its parameters are shared, not copied.
@@ -46,18 +46,20 @@ class TracedBackbone(nn.Module):
         thresholds: ``(K,)`` float32 thresholds of levels ``1..K`` (only when the planner can
             merge): one export serves every threshold setting.
 
-    Outputs:
-        one ``(B, C_out, ceil(H/p), ceil(W/p))`` map per ``out_indices`` entry, ``(B,)`` int64
-        tokens per image, and ``(3,)`` int64 input checks: any non-finite pixel, and the
-        grayscale extremes in 1/256 steps (:func:`~apt_dense.scoring.intensity_extremes`; zeros
-        when nothing merges) for the runner's scale warning.
+    Outputs, by name:
+        the model's :meth:`~apt_dense.APTViT.head_outputs` (``features_{i}``: a ``(B, C,
+        ceil(H/p), ceil(W/p))`` map per ``out_indices`` entry; SAM's ``image_embeddings``, ...),
+        ``tokens_per_image`` ``(B,)`` int64, and ``input_checks`` ``(3,)`` int64: any non-finite
+        pixel, and the grayscale extremes in 1/256 steps
+        (:func:`~apt_dense.scoring.intensity_extremes`; zeros when nothing merges) for the
+        runner's scale warning.
     """
 
     def __init__(self, model: APTViT):
         super().__init__()
         self.model = model
 
-    def forward(self, images: torch.Tensor, thresholds: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    def forward(self, images: torch.Tensor, thresholds: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         model = self.model
         planner = model.planner
         crop = tuple(-(-side // model.patch_size) for side in images.shape[-2:])
@@ -72,7 +74,8 @@ class TracedBackbone(nn.Module):
         ctx = model.block_context(layout, prefix, x)
         traced_bucket_plans([a.seqs for a in (ctx.image, ctx.window) if a is not None], x.device)
         features = model.run_blocks(x, ctx, layout, crop)                            # 4-5.
-        return (*features, layout.tokens_per_image, torch.cat(checks))
+        outputs = model.head_outputs(features)
+        return {**outputs, "tokens_per_image": layout.tokens_per_image, "input_checks": torch.cat(checks)}
 
 
 def traced_layout(cell_level: torch.Tensor, window_size: int, num_levels: int) -> PatchLayout:
