@@ -175,8 +175,9 @@ class BucketPlan:
     int64 host tensor: data for the op's relative positions, so that a new image size (a new
     frame for global blocks) is not a guard either.
 
-    ``traced``: built inside an exported graph (:mod:`apt_dense.export`), where the sizes are
-    unknown while tracing: every bucket runs masked (an empty one on empty tensors), and
+    ``padded``: None, except in a plan built inside an exported graph (:mod:`apt_dense.export`),
+    whose sizes are unknown while tracing: there ``padded[i]`` says (a symbolic bool) whether
+    bucket ``i`` holds padding, every bucket runs (an empty one on empty tensors), and
     ``key_ok[i]`` is an ``(n_i, L_i)`` additive float mask, 0 for real entries and ``-inf`` for
     padding (ONNX translates a boolean sdpa mask with an extra pass that clears NaNs).
     """
@@ -184,7 +185,7 @@ class BucketPlan:
     slots: tuple[torch.Tensor, ...]
     key_ok: tuple[torch.Tensor, ...]
     frame_size: torch.Tensor
-    traced: bool = False
+    padded: tuple | None = None
 
 
 def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -284,11 +285,13 @@ def _sdpa_bucketed(
     slots: Sequence[torch.Tensor],
     key_ok: Sequence[torch.Tensor],
     bias_fn: BiasFn | None,
-    traced: bool = False,
+    padded: Sequence | None = None,
 ) -> torch.Tensor:
+    """``padded``: a traced plan's per-bucket flags (:class:`BucketPlan`); None for a host plan."""
+    traced = padded is not None
     t, h, d = q.shape
     out = q.new_empty(t + 1, h, d)  # row t takes the padded entries' outputs
-    for index, real in zip(slots, key_ok):
+    for i, (index, real) in enumerate(zip(slots, key_ok)):
         n, width = index.shape
         # A traced plan's sizes are symbols: no branch may read them.
         if not traced and n == 0:
@@ -303,16 +306,42 @@ def _sdpa_bucketed(
             qb, kb, vb = (x[rows].transpose(1, 2) for x in (q, k, v))  # (n, H, L, D)
         mask = None if bias_fn is None else bias_fn(index, qb)
         if traced:
-            key_bias = real.view(n, 1, 1, width).to(qb.dtype)
-            mask = key_bias if mask is None else mask + key_bias
-        elif real.numel():  # a padded bucket
-            real = real.view(n, 1, 1, width)
-            mask = real if mask is None else mask.masked_fill(~real, float("-inf"))
-        result = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask).transpose(1, 2)  # (n, L, H, D)
+            result = _traced_bucket_sdpa(padded[i], qb, kb, vb, real.view(n, 1, 1, width).to(qb.dtype), mask)
+        else:
+            if real.numel():  # a padded bucket
+                real = real.view(n, 1, 1, width)
+                mask = real if mask is None else mask.masked_fill(~real, float("-inf"))
+            result = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask)
+        result = result.transpose(1, 2)  # (n, L, H, D)
         if in_order:
             return result.reshape(t, h, d)
         out[index] = result
     return out[:t]
+
+
+def _traced_bucket_sdpa(padded, q, k, v, key_bias: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A bucket of a traced plan: masked only where it holds padding (``torch.cond`` on its flag),
+    since the additive mask is one more pass over the attention weights where sdpa is not fused
+    (ONNX Runtime); a bucket of equal-length sequences runs as the dense model's attention."""
+    if bias is None:
+        return torch.cond(padded, _sdpa_with_mask, _sdpa_plain, (q, k, v, key_bias))
+    return torch.cond(padded, _sdpa_with_mask_and_bias, _sdpa_with_bias, (q, k, v, key_bias, bias))
+
+
+def _sdpa_plain(q, k, v, key_bias):
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def _sdpa_with_mask(q, k, v, key_bias):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=key_bias)
+
+
+def _sdpa_with_bias(q, k, v, key_bias, bias):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+
+def _sdpa_with_mask_and_bias(q, k, v, key_bias, bias):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias + key_bias)
 
 
 # The ragged sdpa path as one opaque op for compiled graphs. Eager code calls _sdpa_bucketed
@@ -457,7 +486,7 @@ def _sdpa_compiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: Pack
     # The model builds the plan before the blocks (APTViT.block_context): a traced cache hit.
     # Without one, the (disabled) builder runs eagerly at the cost of a graph break.
     plan = seqs.cache.get(_plan_key(q.device)) or bucket_plan(seqs, q.device)
-    if plan.traced:  # exported: plain aten ops, which AOTInductor fuses and ONNX can express
-        return _sdpa_bucketed(q, k, v, plan.slots, plan.key_ok, bias_fn, traced=True)
+    if plan.padded is not None:  # exported: plain aten ops, which AOTInductor fuses and ONNX can express
+        return _sdpa_bucketed(q, k, v, plan.slots, plan.key_ok, bias_fn, plan.padded)
     tables = (None, None, None) if bias_fn is None else (bias_fn.rel_pos_h, bias_fn.rel_pos_w, bias_fn.positions)
     return _bucketed_sdpa_op(q, k, v, list(plan.slots), list(plan.key_ok), *tables, plan.frame_size)

@@ -50,7 +50,7 @@ def save_onnx(program: torch.export.ExportedProgram, spec: ExportSpec, path: str
     # optimize=False: onnxscript's optimizer (0.7) rewrites `x + c` to `x` for any |c| < 1e-8 (its
     # constant patterns match within abs_tol=1e-8), which turns the entropy's log2(p + 1e-10)
     # into log2(p): -inf and NaN scores. ONNX Runtime optimises the graph when it loads it.
-    with _shape_env_restored(program):
+    with _shape_env_restored(program), torch.no_grad():
         onnx_program = torch.onnx.export(
             program, (), dynamo=True, input_names=spec.input_names, output_names=spec.output_names,
             custom_translation_table=_onnx_translations(), optimize=False, verbose=False,

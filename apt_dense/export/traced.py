@@ -12,7 +12,9 @@ reads from the host becomes an *unbacked* size (``Tensor.item()`` in the graph, 
    sequences run on a :class:`~apt_dense.attention.BucketPlan` built here, in the graph
    (:func:`traced_bucket_plan`): sequences sorted by length, cut into at most
    :data:`~apt_dense.attention.MAX_BUCKETS` buckets by eager's rule, each padded to its
-   longest member and masked. Bucket shapes are symbols too;
+   longest member and masked where it holds padding (``torch.cond``: a bucket of
+   equal-length sequences, e.g. any image alone in its batch, runs unmasked). Bucket shapes are
+   symbols too;
 5. dense maps: :meth:`APTViT.run_blocks`, cropped to the input.
 
 Sizes read back per pass: ``N`` (one read), then every bucket's count and width for both
@@ -101,20 +103,22 @@ def traced_bucket_plans(sequences: list[PackedSequences], device: torch.device) 
         return
     cuts = [_bucket_cuts(seqs) for seqs in ragged]
     sizes = torch.stack([value for cut in cuts for value in cut[2]]).tolist()
+    per_set = len(cuts[0][2])
     for i, (seqs, (order, lengths, _)) in enumerate(zip(ragged, cuts)):
-        own = sizes[2 * MAX_BUCKETS * i : 2 * MAX_BUCKETS * (i + 1)]
-        seqs.cache[_plan_key(device)] = _bucket_plan(seqs, order, lengths, own)
+        seqs.cache[_plan_key(device)] = _bucket_plan(seqs, order, lengths, sizes[per_set * i : per_set * (i + 1)])
 
 
 def _bucket_cuts(seqs: PackedSequences) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """Sequences sorted longest first and cut by eager's rule (a sequence joins the current
     bucket while it is at least ``BUCKET_FILL`` of the bucket's longest; the last bucket takes
-    the rest). Returns the order, the lengths, and ``[count_0, width_0, count_1, ...]`` as 0-d
-    device tensors to read back (widths at least ``_MIN_WIDTH``)."""
+    the rest). Returns the order, the lengths, and ``[count_0, width_0, padded_0, count_1, ...]``
+    as 0-d int64 device tensors to read back (widths at least ``_MIN_WIDTH``; ``padded``: 1 when
+    a member is shorter than the width)."""
     cu = seqs.cu_seqlens.long()
     lengths = cu[1:] - cu[:-1]
     by_length, order = torch.sort(lengths, descending=True)  # ties in any order: buckets only bound padding
     last = by_length.shape[0] - 1
+    rank = torch.arange(last + 1, device=cu.device)
     start = torch.zeros((), dtype=torch.long, device=cu.device)
     cut = []
     for i in range(MAX_BUCKETS):
@@ -123,7 +127,9 @@ def _bucket_cuts(seqs: PackedSequences) -> tuple[torch.Tensor, torch.Tensor, lis
             end = (by_length.double() >= BUCKET_FILL * longest.double()).sum().clamp(min=start)
         else:
             end = torch.full_like(start, last + 1)
-        cut += [end - start, longest.clamp(min=_MIN_WIDTH)]
+        width = longest.clamp(min=_MIN_WIDTH)
+        padded = ((rank >= start) & (rank < end) & (by_length < width)).any().long()
+        cut += [end - start, width, padded]
         start = end
     return order, lengths, cut
 
@@ -133,14 +139,17 @@ def _bucket_plan(seqs: PackedSequences, order: torch.Tensor, lengths: torch.Tens
     cu = seqs.cu_seqlens.long()
     total = seqs.num_slots
     first = 0
-    slots, key_ok = [], []
-    for count, width in zip(sizes[0::2], sizes[1::2]):
+    slots, key_ok, padded = [], [], []
+    for count, width, has_padding in zip(sizes[0::3], sizes[1::3], sizes[2::3]):
         torch._check(count >= 0)
         torch._check(width >= _MIN_WIDTH)
+        torch._check(has_padding >= 0)
+        torch._check(has_padding <= 1)
+        padded.append(has_padding == 1)
         members = order[first : first + count]
         first = first + count
         cols = torch.arange(width, device=cu.device)
         real = cols.view(1, -1) < lengths[members].view(-1, 1)
         slots.append(torch.where(real, cu[members].view(-1, 1) + cols.view(1, -1), total))
         key_ok.append(torch.zeros(real.shape, device=cu.device).masked_fill(~real, float("-inf")))
-    return BucketPlan(tuple(slots), tuple(key_ok), torch.tensor(seqs.frame_size, dtype=torch.int64), traced=True)
+    return BucketPlan(tuple(slots), tuple(key_ok), torch.tensor(seqs.frame_size, dtype=torch.int64), tuple(padded))
