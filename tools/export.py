@@ -36,7 +36,7 @@ from apt_dense.benchmarking import (
     time_side_by_side,
 )
 from apt_dense.checkpoints import load_state_dict_checked, read_checkpoint, unwrap_state_dict
-from apt_dense.export import export_program, load_runner, save_aoti, save_onnx
+from apt_dense.export import eager_output, export_program, load_runner, save_aoti, save_onnx
 from apt_dense.presets import APT_SETTINGS, HOSTS, IMAGENET_PIXEL_MEAN, IMAGENET_PIXEL_STD
 from apt_dense.sample_images import letterbox, load_sample_photos, normalise
 
@@ -157,20 +157,6 @@ def runner_kwargs(fmt: str, args) -> dict:
     return {"threads": args.threads} if fmt == "onnx" and args.threads else {}
 
 
-def eager_outputs(model, images: torch.Tensor, thresholds=None):
-    """The eager model's named outputs and tokens kept (with other thresholds for this call)."""
-    planner = model.planner
-    schedule = planner.schedule
-    if thresholds is not None:
-        planner.schedule = type(schedule).create(model.patch_size, thresholds)
-    try:
-        with torch.no_grad():
-            out = model.forward_features(images)
-            return model.head_outputs(out.features), out.tokens_per_image
-    finally:
-        planner.schedule = schedule
-
-
 def check(model, paths: dict[str, Path], args) -> bool:
     """Every file against eager on the sample photos and crops, batches of 1 and 2."""
     _, images = sample_images(args.size, crops=True)
@@ -182,11 +168,11 @@ def check(model, paths: dict[str, Path], args) -> bool:
         worst, tokens = 0.0, []
         for thresholds in settings:
             for x in batches:
-                want, want_tokens = eager_outputs(model, x, thresholds)
+                want = eager_output(model, x, thresholds)
                 got = runner(x, thresholds)
-                same_tokens = got.tokens_per_image.tolist() == want_tokens.tolist()
-                tokens += want_tokens.tolist()
-                for name, value in want.items():
+                same_tokens = got.tokens_per_image.tolist() == want.tokens_per_image.tolist()
+                tokens += want.tokens_per_image.tolist()
+                for name, value in want.outputs.items():
                     worst = max(worst, float((got.outputs[name] - value).abs().max()))
                     close = torch.allclose(got.outputs[name], value, **TOL)
                     ok &= close and same_tokens

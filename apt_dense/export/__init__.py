@@ -16,10 +16,10 @@ exported raises :class:`NotExportableError` naming the alternative (:func:`check
 """
 from .formats import save_aoti, save_onnx
 from .program import ExportSpec, NotExportableError, check_exportable, export_program
-from .runners import AOTIRunner, ExportedOutput, ONNXRunner, load_runner
+from .runners import AOTIRunner, ExportedOutput, ONNXRunner, eager_output, load_runner
 from .traced import TracedBackbone
 
 __all__ = [
     "export_program", "check_exportable", "NotExportableError", "ExportSpec", "TracedBackbone",
-    "save_aoti", "save_onnx", "AOTIRunner", "ONNXRunner", "ExportedOutput", "load_runner",
+    "save_aoti", "save_onnx", "AOTIRunner", "ONNXRunner", "ExportedOutput", "load_runner", "eager_output",
 ]

@@ -16,12 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..model import APTViT
 from ..planner import InputScaleWarning
 from ..schedule import PatchSchedule
 from ..scoring import intensity_scale_problem
 from .program import SPEC_KEY, ExportSpec
 
-__all__ = ["ExportedOutput", "AOTIRunner", "ONNXRunner", "load_runner"]
+__all__ = ["ExportedOutput", "AOTIRunner", "ONNXRunner", "load_runner", "eager_output"]
 
 
 @dataclass
@@ -190,6 +191,21 @@ class ONNXRunner(_Runner):
     def end_profiling(self) -> str:
         """Stop profiling; returns the profile's file name."""
         return self._session.end_profiling()
+
+
+def eager_output(model: APTViT, images: torch.Tensor, thresholds: Mapping | None = None) -> ExportedOutput:
+    """What a runner of ``model``'s export returns for ``images``, computed by the eager model
+    (with ``thresholds`` for this call instead of the model's): the reference for checks."""
+    planner = model.planner
+    schedule = planner.schedule
+    if thresholds is not None:
+        planner.schedule = PatchSchedule.create(model.patch_size, thresholds)
+    try:
+        with torch.no_grad():
+            out = model.forward_features(images)
+        return ExportedOutput(model.head_outputs(out.features), out.tokens_per_image)
+    finally:
+        planner.schedule = schedule
 
 
 def load_runner(path: str | Path, **kwargs) -> AOTIRunner | ONNXRunner:

@@ -146,7 +146,10 @@ def _bucket_plan(seqs: PackedSequences, order: torch.Tensor, lengths: torch.Tens
         torch._check(has_padding >= 0)
         torch._check(has_padding <= 1)
         padded.append(has_padding == 1)
-        members = order[first : first + count]
+        # narrow, not a slice: the slice's size would be a Min/Max expression of the symbols,
+        # which every later shape (and the compiler's sympy work) would carry.
+        torch._check(first + count <= order.shape[0])
+        members = order.narrow(0, first, count)
         first = first + count
         cols = torch.arange(width, device=cu.device)
         real = cols.view(1, -1) < lengths[members].view(-1, 1)
