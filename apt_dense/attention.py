@@ -266,10 +266,21 @@ def bucket_plan(seqs: PackedSequences, device: torch.device) -> BucketPlan:
     return plan
 
 
-def _sdpa_uniform(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int, bias: torch.Tensor | None):
+def _sdpa_uniform(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int, bias_fn: BiasFn | None):
+    """Sequences of ``length`` consecutive slots each: one batched SDPA."""
     t, h, d = q.shape
-    shape = (t // length, length, h, d)
-    qb, kb, vb = (x.view(shape).transpose(1, 2) for x in (q, k, v))
+    n = t // length
+    qb = q.view(n, length, h, d).transpose(1, 2)
+    bias = None
+    if isinstance(bias_fn, RelPosBias) and bias_fn.tiles_frame(length):
+        # Attention does not depend on the order of the keys: in the frame's raster order they
+        # take the grid bias, one broadcast sum (window-major keys would need a gather per entry).
+        bias, order = bias_fn.on_grid(qb)
+        rows = (order + torch.arange(0, t, length, device=q.device).unsqueeze(1)).flatten()
+        k, v = k[rows], v[rows]
+    elif bias_fn is not None:
+        bias = bias_fn(torch.arange(t, device=q.device).view(n, length), qb)
+    kb, vb = (x.view(n, length, h, d).transpose(1, 2) for x in (k, v))
     out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=bias)
     if _exporting():
         # The reshape below is traced as a view when this kernel's output strides allow one; the
@@ -296,36 +307,34 @@ def _sdpa_bucketed(
         # A traced plan's sizes are symbols: no branch may read them.
         if not traced and n == 0:
             continue
-        in_order = not traced and real.shape == (0, 2)
-        if in_order:
-            qb, kb, vb = (x.view(n, width, h, d).transpose(1, 2) for x in (q, k, v))
-        else:
-            # Padded entries read a real row instead of a zero row (no padded copy of q/k/v):
-            # as keys they are masked, as queries their outputs land in row t.
-            rows = index.clamp(max=t - 1)
-            qb, kb, vb = (x[rows].transpose(1, 2) for x in (q, k, v))  # (n, H, L, D)
+        if not traced and real.shape == (0, 2):  # every slot in order: equal lengths
+            return _sdpa_uniform(q, k, v, width, bias_fn)
+        # Padded entries read a real row instead of a zero row (no padded copy of q/k/v):
+        # as keys they are masked, as queries their outputs land in row t.
+        rows = index.clamp(max=t - 1)
+        qb, kb, vb = (x[rows].transpose(1, 2) for x in (q, k, v))  # (n, H, L, D)
         mask = None if bias_fn is None else bias_fn(index, qb)
-        if traced:
-            result = _traced_bucket_sdpa(padded[i], qb, kb, vb, real.view(n, 1, 1, width).to(qb.dtype), mask)
+        if traced and mask is None:
+            result = _traced_bucket_sdpa(padded[i], qb, kb, vb, real.view(n, 1, 1, width).to(qb.dtype))
         else:
-            if real.numel():  # a padded bucket
+            # A padded bucket (a traced one may be) masks its padding keys, unless the bias does.
+            if (traced or real.numel()) and not getattr(bias_fn, "masks_padding", False):
                 real = real.view(n, 1, 1, width)
-                mask = real if mask is None else mask.masked_fill(~real, float("-inf"))
+                if traced:  # an additive float mask
+                    mask = mask + real.to(mask.dtype)
+                else:
+                    mask = real if mask is None else mask.masked_fill(~real, float("-inf"))
             result = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask)
-        result = result.transpose(1, 2)  # (n, L, H, D)
-        if in_order:
-            return result.reshape(t, h, d)
-        out[index] = result
+        out[index] = result.transpose(1, 2)  # (n, L, H, D)
     return out[:t]
 
 
-def _traced_bucket_sdpa(padded, q, k, v, key_bias: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """A bucket of a traced plan: masked only where it holds padding (``torch.cond`` on its flag),
-    since the additive mask is one more pass over the attention weights where sdpa is not fused
-    (ONNX Runtime); a bucket of equal-length sequences runs as the dense model's attention."""
-    if bias is None:
-        return torch.cond(padded, _sdpa_with_mask, _sdpa_plain, (q, k, v, key_bias))
-    return torch.cond(padded, _sdpa_with_mask_and_bias, _sdpa_with_bias, (q, k, v, key_bias, bias))
+def _traced_bucket_sdpa(padded, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tensor):
+    """A bucket of a traced plan without a bias: masked only where it holds padding
+    (``torch.cond`` on its flag), since the additive mask is one more pass over the attention
+    weights where sdpa is not fused (ONNX Runtime); a bucket of equal-length sequences runs as
+    the dense model's attention. (A relative-position bias masks padding keys itself.)"""
+    return torch.cond(padded, _sdpa_with_mask, _sdpa_plain, (q, k, v, key_bias))
 
 
 def _sdpa_plain(q, k, v, key_bias):
@@ -334,14 +343,6 @@ def _sdpa_plain(q, k, v, key_bias):
 
 def _sdpa_with_mask(q, k, v, key_bias):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=key_bias)
-
-
-def _sdpa_with_bias(q, k, v, key_bias, bias):
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-
-
-def _sdpa_with_mask_and_bias(q, k, v, key_bias, bias):
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias + key_bias)
 
 
 # The ragged sdpa path as one opaque op for compiled graphs. Eager code calls _sdpa_bucketed
@@ -461,16 +462,9 @@ def packed_attention(
     return kernel(q, k, v, cu, cu, max_len, max_len)
 
 
-def _uniform_bias(q: torch.Tensor, length: int, bias_fn: BiasFn | None) -> torch.Tensor | None:
-    if bias_fn is None:
-        return None
-    slots = torch.arange(q.shape[0], device=q.device).view(-1, length)
-    return bias_fn(slots, q.view(-1, length, *q.shape[1:]).transpose(1, 2))
-
-
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: PackedSequences, bias_fn: BiasFn | None):
     if seqs.uniform:
-        return _sdpa_uniform(q, k, v, seqs.max_len, _uniform_bias(q, seqs.max_len, bias_fn))
+        return _sdpa_uniform(q, k, v, seqs.max_len, bias_fn)
     plan = bucket_plan(seqs, q.device)
     return _sdpa_bucketed(q, k, v, plan.slots, plan.key_ok, bias_fn)
 
@@ -478,8 +472,7 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: PackedSequenc
 def _sdpa_compiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: PackedSequences, bias_fn: BiasFn | None):
     """:func:`_sdpa` without reading lengths: the layout's static ``ragged`` flag picks the path."""
     if not seqs.ragged:
-        length = seqs.max_slots
-        return _sdpa_uniform(q, k, v, length, _uniform_bias(q, length, bias_fn))
+        return _sdpa_uniform(q, k, v, seqs.max_slots, bias_fn)
     if bias_fn is not None and not isinstance(bias_fn, RelPosBias):
         raise TypeError("under torch.compile, ragged sdpa attention takes a RelPosBias as its bias (the custom op "
                         f"needs tensors), got {type(bias_fn).__name__}")

@@ -13,6 +13,7 @@ import os
 import time
 import functools
 from collections.abc import Callable, Mapping
+from typing import NamedTuple
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ from torch import nn
 from .planner import TokenPlanner
 
 __all__ = [
-    "timed_call", "time_side_by_side", "peak_memory_mib", "backbone_flops", "model_builder", "build_model_pair",
+    "timed_call", "time_side_by_side", "MemoryPeak", "peak_memory_mib", "backbone_flops", "model_builder", "build_model_pair",
     "same_weights_pair", "host_window", "build_planner", "host_planner",
     "positive_int", "non_negative_int", "non_negative_float", "unit_fraction", "int_between", "thresholds_json",
     "image_folder", "output_path", "existing_file", "torch_device",
@@ -82,10 +83,18 @@ def _reset_rss_high_water() -> bool:
     return True
 
 
-def _rss_high_water_mib() -> float:
+def _status_mib(field: str) -> float:
+    """A memory field of ``/proc/self/status`` (``VmHWM``, ``VmRSS``) in MiB."""
     with open("/proc/self/status") as f:
-        kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        kib = next(int(line.split()[1]) for line in f if line.startswith(f"{field}:"))
     return kib / 1024
+
+
+class MemoryPeak(NamedTuple):
+    """MiB held when a call started, and at most while it ran."""
+
+    start: float
+    peak: float
 
 
 def process_peak_rss_mib() -> float | None:
@@ -99,25 +108,28 @@ def process_peak_rss_mib() -> float | None:
     return peak / 2**20 if os.uname().sysname == "Darwin" else peak / 1024  # bytes on macOS, KiB elsewhere
 
 
-def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float | None:
-    """Peak memory in MiB while ``fn()`` runs.
+def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> MemoryPeak | None:
+    """Memory in MiB when ``fn()`` starts and at most while it runs.
 
-    CUDA: the most memory allocated on ``device`` (``torch.cuda.max_memory_allocated``). CPU: the
-    peak resident set size of the whole process (VmHWM, reset just before ``fn``), so it includes
-    the weights and everything else the process holds. None on a CPU whose high-water mark cannot
-    be reset (no ``/proc/self/clear_refs``): measure in a fresh process per side instead
+    CUDA: memory allocated on ``device`` (``torch.cuda.max_memory_allocated`` for the peak). CPU:
+    the resident set size of the whole process (the peak is VmHWM, reset just before ``fn``), so
+    both include the weights and everything else the process holds; the peak minus the start is
+    what ``fn`` added. None on a CPU whose high-water mark cannot be reset (no
+    ``/proc/self/clear_refs``): measure in a fresh process per side instead
     (:func:`process_peak_rss_mib`).
     """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device) / 2**20
         fn()
         torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) / 2**20
+        return MemoryPeak(start, torch.cuda.max_memory_allocated(device) / 2**20)
     if not _reset_rss_high_water():
         return None
+    start = _status_mib("VmRSS")
     fn()
-    return _rss_high_water_mib()
+    return MemoryPeak(start, _status_mib("VmHWM"))
 
 
 def backbone_flops(model, layout) -> float:

@@ -11,7 +11,7 @@ A window block attends within each window's sequence, a global block within each
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .attention import packed_attention
 from .layout import ImagePrefix, PackedSequences
-from .positions import RelPosBias, apply_rope
+from .positions import BiasWorkspace, RelPosBias, apply_rope, traced
 
 __all__ = [
     "AttentionContext",
@@ -42,11 +42,14 @@ class AttentionContext:
         rope: ``(cos, sin)`` ``(T, head_dim)`` float32 tables, or None.
         backend: the attention backend resolved for this pass (``flash_attn``, ``torch_varlen``
             or ``sdpa``; see :func:`apt_dense.attention.resolve_backend`).
+        workspace: memory the blocks' relative-position biases reuse in eager passes without
+            gradients (freed with the context at the end of the pass).
     """
 
     seqs: PackedSequences
     rope: tuple[torch.Tensor, torch.Tensor] | None
     backend: str
+    workspace: BiasWorkspace = field(default_factory=BiasWorkspace)
 
 
 @dataclass
@@ -153,7 +156,9 @@ class ViTDetAttention(nn.Module):
         q, k, v = self.qkv(x).view(t, 3, self.num_heads, -1).unbind(1)
         bias = None
         if self.use_rel_pos:
-            bias = RelPosBias(self.rel_pos_h, self.rel_pos_w, ctx.seqs.positions, ctx.seqs.frame_size)
+            # Graphs allocate their own buffers (and must not guard on the workspace).
+            workspace = None if traced() else ctx.workspace
+            bias = RelPosBias(self.rel_pos_h, self.rel_pos_w, ctx.seqs.positions, ctx.seqs.frame_size, workspace)
         out = packed_attention(q, k, v, ctx.seqs, ctx.backend, bias)
         return self.proj(out.reshape(t, c))
 

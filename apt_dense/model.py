@@ -265,8 +265,9 @@ class APTViT(nn.Module):
         Planning, embedding and the per-pass preparation stay eager (one host sync per forward,
         as uncompiled). One graph is compiled per kind of block (window, global) and per
         device, dtype and grad mode; the blocks of a kind share it. The token dimension and the
-        sequence lengths are dynamic, so batches with new token counts do not recompile, and
-        attention has no graph break: ``sdpa`` runs ragged batches as the custom op
+        sequence lengths are dynamic, so batches with new token counts, batch sizes or image
+        sizes do not recompile (relative positions take the frame size as data, padded and
+        unpadded windows share one path), and attention has no graph break: ``sdpa`` runs ragged batches as the custom op
         ``apt_dense::bucketed_sdpa``, ``torch_varlen`` is a custom op itself, and ``flash_attn``
         (which breaks ``torch.compile``) gives way to ``torch_varlen`` under ``auto``.
 

@@ -260,8 +260,11 @@ def test_benchmark_tags_with_dots_keep_runs_apart_and_report_real_files(tmp_path
     row = json.loads(paths["run.1"]["json"].read_text())["rows"][0]
     # Peak memory of each side, for inference and for a training step (CPU: the process's RSS).
     for key in ("peak_mib_dense", "peak_mib_apt", "train_peak_mib_dense", "train_peak_mib_apt"):
-        assert row[key] > 50, key
-    assert "| inference peak MiB dense/APT | train step peak MiB dense/APT |" in paths["run.1"]["md"].read_text()
+        start = row[key.replace("peak", "start")]
+        assert row[key] >= start > 50, key  # the process's RSS when the side started, and its peak
+    table = paths["run.1"]["md"].read_text()
+    assert "| inference peak MiB (added) dense/APT | train step peak MiB (added) dense/APT |" in table
+    assert f"| {row['peak_mib_dense']:.0f} (+{row['peak_mib_dense'] - row['start_mib_dense']:.0f})/" in table
 
 
 def test_benchmark_full_disk_leaves_no_partial_file(tmp_path, full_disk, monkeypatch, capsys):
@@ -278,7 +281,8 @@ def test_peak_memory_is_measured_per_call():
     big = peak_memory_mib(lambda: torch.ones(300 * 2**20 // 4).sum(), cpu)
     small = peak_memory_mib(lambda: torch.ones(10).sum(), cpu)
     assert big is not None and small is not None
-    assert big - small > 250  # the high-water mark was reset between the two
+    assert big.peak - big.start > 250 and small.peak - small.start < 50
+    assert big.peak - small.peak > 250  # the high-water mark was reset between the two
 
 
 @pytest.mark.slow

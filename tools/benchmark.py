@@ -327,12 +327,13 @@ def time_layout(model, images, repeats: int, device: torch.device) -> float:
 
 
 def train_step(model, images: torch.Tensor, autocast) -> None:
-    """One training step's forward + backward of a backbone with every parameter trainable (the
-    loss: the sum of its feature maps); the gradients are dropped afterwards."""
+    """One training step's forward + backward of an APTViT (a framework's adapter too: its
+    ``forward_features``) with every parameter trainable (the loss: the sum of its feature
+    maps); the gradients are dropped afterwards."""
     for param in model.parameters():
         param.requires_grad_(True)
     with torch.enable_grad(), autocast:
-        loss = sum(feature.float().sum() for feature in model(images).features)
+        loss = sum(feature.float().sum() for feature in model.forward_features(images).features)
     loss.backward()
     model.zero_grad(set_to_none=True)
 
@@ -388,9 +389,15 @@ def environment(device: torch.device) -> dict:
 
 
 def mib_pair(row: dict, key: str) -> str:
-    """``dense/APT`` MiB of ``peak_mib_*`` or ``train_peak_mib_*``, ``n/a`` when not measured."""
-    dense, apt = row.get(f"{key}_dense"), row.get(f"{key}_apt")
-    return "n/a" if dense is None or apt is None else f"{dense:.0f}/{apt:.0f}"
+    """``dense/APT`` peak MiB of ``peak_mib`` or ``train_peak_mib``, each with what the call added
+    to the memory held when it started (``2079 (+420)``); ``n/a`` when not measured."""
+    def side(name: str) -> str:
+        peak, start = row.get(f"{key}_{name}"), row.get(f"{key.replace('peak', 'start')}_{name}")
+        return f"{peak:.0f}" + ("" if start is None else f" (+{peak - start:.0f})")
+
+    if row.get(f"{key}_dense") is None or row.get(f"{key}_apt") is None:
+        return "n/a"
+    return f"{side('dense')}/{side('apt')}"
 
 
 def results_table(env: dict, args, rows: list[dict]) -> str:
@@ -399,7 +406,7 @@ def results_table(env: dict, args, rows: list[dict]) -> str:
         f"{args.host} at {args.size}, batch {args.batch or 'all'}, {env['date']}; memory: {env['memory']}",
         "",
         "| thresholds | tokens kept mean (min-max) | dense img/s | APT img/s | speedup | ideal | achieved/ideal | scoring+layout "
-        "| inference peak MiB dense/APT | train step peak MiB dense/APT |"
+        "| inference peak MiB (added) dense/APT | train step peak MiB (added) dense/APT |"
         + (" compile s dense/APT | recompiles dense/APT |" if args.compile else ""),
         "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if args.compile else ""),
     ]
@@ -463,18 +470,23 @@ def memory_columns(args, sides: dict, backbone, calls: dict, batches, run, autoc
                    configuration: int) -> dict:
     """``peak_mib_<side>`` (inference on every batch) and ``train_peak_mib_<side>`` (a training
     step of the backbone on the first batch; not with ``--compile``, where it would compile the
-    backward pass) for both sides, each measured alone; in a fresh process per side where this
-    process's peak cannot be reset."""
+    backward pass) for both sides, each measured alone, and what was held when each started
+    (``start_mib_<side>``, ``train_start_mib_<side>``); in a fresh process per side where this
+    process's peak cannot be reset (no start values then)."""
+    measured = {}
+    for name in ("dense", "apt"):
+        measured[f"peak_mib_{name}"] = peak_memory_mib(lambda: run(calls[name]), args.device)
+        measured[f"train_peak_mib_{name}"] = None if args.compile else peak_memory_mib(
+            lambda: train_step(backbone(sides[name]), batches[0], autocast), args.device)
+    if measured["peak_mib_dense"] is not None:
+        memory = {key: None if value is None else value.peak for key, value in measured.items()}
+        memory.update({key.replace("peak", "start"): None if value is None else value.start
+                       for key, value in measured.items()})
+        return memory
     memory = {}
     for name in ("dense", "apt"):
-        memory[f"peak_mib_{name}"] = peak_memory_mib(lambda: run(calls[name]), args.device)
-        memory[f"train_peak_mib_{name}"] = None if args.compile else peak_memory_mib(
-            lambda: train_step(backbone(sides[name]), batches[0], autocast), args.device)
-    if memory["peak_mib_dense"] is None:
-        for name in ("dense", "apt"):
-            memory[f"peak_mib_{name}"] = peak_in_fresh_process(argv, configuration, name, "inference")
-            if not args.compile:
-                memory[f"train_peak_mib_{name}"] = peak_in_fresh_process(argv, configuration, name, "train")
+        memory[f"peak_mib_{name}"] = peak_in_fresh_process(argv, configuration, name, "inference")
+        memory[f"train_peak_mib_{name}"] = None if args.compile else peak_in_fresh_process(argv, configuration, name, "train")
     return memory
 
 
@@ -561,7 +573,7 @@ def main(argv=None) -> int:
             rows.append(row)
             print(f"[{index}/{len(configs)}] thresholds {row['thresholds']}: kept {row['kept_mean']:.1%}, "
                   f"speedup {row['speedup']:.2f}x (ideal {ideal:.2f}x), scoring+layout {row['layout_fraction']:.1%}, "
-                  f"peak MiB dense/APT {mib_pair(row, 'peak_mib')}, train step {mib_pair(row, 'train_peak_mib')}")
+                  f"peak MiB (added) dense/APT {mib_pair(row, 'peak_mib')}, train step {mib_pair(row, 'train_peak_mib')}")
     except KeyboardInterrupt:
         print(f"interrupted: keeping {len(rows)} measured configuration(s)")
     if not rows:

@@ -23,7 +23,7 @@ from segment_anything.modeling.common import MLPBlock
 from segment_anything.modeling.image_encoder import ImageEncoderViT
 
 from ..layout import PatchLayout
-from ..model import APTViT, TokenStats
+from ..model import APTViT, TokenStats, host_window_arguments
 from ..presets import IMAGENET_PIXEL_MEAN, IMAGENET_PIXEL_STD
 from ..schedule import PatchSchedule
 
@@ -96,9 +96,9 @@ class APTImageEncoderViT(APTViT):
         attention_backend: str = "auto",
     ):
         # ImageEncoderViT: a block attends globally where it is listed, or when window_size is 0.
-        global_blocks = tuple(i for i in range(depth) if window_size <= 0 or i in global_attn_indexes)
-        window_blocks = tuple(i for i in range(depth) if i not in global_blocks)
-        window_size = window_size if window_blocks else 0
+        window_size, window_blocks = host_window_arguments(
+            window_size, tuple(i for i in range(depth) if i not in global_attn_indexes))
+        global_blocks = tuple(i for i in range(depth) if i not in window_blocks)
         check_sam_thresholds(thresholds, patch_size, window_size)
         last = depth - 1
         out_indices = tuple(sorted({*global_blocks, last})) if self.returns_interm_embeddings else (last,)
