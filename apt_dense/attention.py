@@ -90,6 +90,12 @@ def _fused_kernels_run_on(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+def _exporting() -> bool:
+    """Inside ``torch.export`` tracing (torch 2.4 has no way to ask, nor does it export here)."""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return is_exporting is not None and is_exporting()
+
+
 def check_backend_name(backend: str) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
@@ -101,6 +107,8 @@ def available_backends(
     """Backends that can run on ``device`` with ``dtype`` (and an additive bias when asked), in
     ``auto``'s order of preference. ``head_dim`` None skips the head-dim preconditions.
     ``compiled``: the blocks run under ``torch.compile``, which flash-attn's varlen function breaks."""
+    if _exporting():
+        return ["sdpa"]  # exported programs hold plain aten ops (ONNX has no varlen kernel)
     head_dim_ok = head_dim is None or (head_dim % 8 == 0 and head_dim <= MAX_FUSED_HEAD_DIM)
     fused_ok = _fused_kernels_run_on(device) and dtype in FUSED_DTYPES and not has_bias and head_dim_ok
     fused = [name for name in FUSED_BACKENDS if not (compiled and name == "flash_attn")]
@@ -129,7 +137,9 @@ def resolve_backend(
     elif requested in usable:
         chosen = requested
     else:
-        if compiled and requested == "flash_attn":
+        if _exporting():
+            why = "torch.export (exported programs run attention as plain sdpa)"
+        elif compiled and requested == "flash_attn":
             why = "torch.compile (flash-attn's varlen function breaks it, flash-attn issue 1894)"
         elif has_bias:
             why = "an additive bias (relative positions)"
@@ -164,11 +174,18 @@ class BucketPlan:
     these cases recompile. ``frame_size`` is the sequences' frame ``(rows, cols)`` as a ``(2,)``
     int64 host tensor: data for the op's relative positions, so that a new image size (a new
     frame for global blocks) is not a guard either.
+
+    ``padded``: None, except in a plan built inside an exported graph (:mod:`apt_dense.export`),
+    whose sizes are unknown while tracing: there ``padded[i]`` says (a symbolic bool) whether
+    bucket ``i`` holds padding, every bucket runs (an empty one on empty tensors), and
+    ``key_ok[i]`` is an ``(n_i, L_i)`` additive float mask, 0 for real entries and ``-inf`` for
+    padding (ONNX translates a boolean sdpa mask with an extra pass that clears NaNs).
     """
 
     slots: tuple[torch.Tensor, ...]
     key_ok: tuple[torch.Tensor, ...]
     frame_size: torch.Tensor
+    padded: tuple | None = None
 
 
 def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -265,6 +282,10 @@ def _sdpa_uniform(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int
         bias = bias_fn(torch.arange(t, device=q.device).view(n, length), qb)
     kb, vb = (x.view(n, length, h, d).transpose(1, 2) for x in (k, v))
     out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=bias)
+    if _exporting():
+        # The reshape below is traced as a view when this kernel's output strides allow one; the
+        # ONNX exporter re-traces sdpa with other strides, where that view fails. A copy fixes them.
+        out = out.contiguous()
     return out.transpose(1, 2).reshape(t, h, d)
 
 
@@ -275,28 +296,53 @@ def _sdpa_bucketed(
     slots: Sequence[torch.Tensor],
     key_ok: Sequence[torch.Tensor],
     bias_fn: BiasFn | None,
+    padded: Sequence | None = None,
 ) -> torch.Tensor:
+    """``padded``: a traced plan's per-bucket flags (:class:`BucketPlan`); None for a host plan."""
+    traced = padded is not None
     t, h, d = q.shape
     out = q.new_empty(t + 1, h, d)  # row t takes the padded entries' outputs
-    for index, real in zip(slots, key_ok):
+    for i, (index, real) in enumerate(zip(slots, key_ok)):
         n, width = index.shape
-        if n == 0:
+        # A traced plan's sizes are symbols: no branch may read them.
+        if not traced and n == 0:
             continue
-        if real.shape == (0, 2):  # every slot in order: equal lengths
+        if not traced and real.shape == (0, 2):  # every slot in order: equal lengths
             return _sdpa_uniform(q, k, v, width, bias_fn)
         # Padded entries read a real row instead of a zero row (no padded copy of q/k/v):
         # as keys they are masked, as queries their outputs land in row t.
         rows = index.clamp(max=t - 1)
         qb, kb, vb = (x[rows].transpose(1, 2) for x in (q, k, v))  # (n, H, L, D)
         mask = None if bias_fn is None else bias_fn(index, qb)
-        if real.numel():  # a padded bucket
-            real = real.view(n, 1, 1, width)
-            if mask is None:
-                mask = real
-            elif not getattr(bias_fn, "masks_padding", False):
-                mask = mask.masked_fill(~real, float("-inf"))
-        out[index] = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask).transpose(1, 2)  # (n, L, H, D)
+        if traced and mask is None:
+            result = _traced_bucket_sdpa(padded[i], qb, kb, vb, real.view(n, 1, 1, width).to(qb.dtype))
+        else:
+            # A padded bucket (a traced one may be) masks its padding keys, unless the bias does.
+            if (traced or real.numel()) and not getattr(bias_fn, "masks_padding", False):
+                real = real.view(n, 1, 1, width)
+                if traced:  # an additive float mask
+                    mask = mask + real.to(mask.dtype)
+                else:
+                    mask = real if mask is None else mask.masked_fill(~real, float("-inf"))
+            result = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask)
+        out[index] = result.transpose(1, 2)  # (n, L, H, D)
     return out[:t]
+
+
+def _traced_bucket_sdpa(padded, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tensor):
+    """A bucket of a traced plan without a bias: masked only where it holds padding
+    (``torch.cond`` on its flag), since the additive mask is one more pass over the attention
+    weights where sdpa is not fused (ONNX Runtime); a bucket of equal-length sequences runs as
+    the dense model's attention. (A relative-position bias masks padding keys itself.)"""
+    return torch.cond(padded, _sdpa_with_mask, _sdpa_plain, (q, k, v, key_bias))
+
+
+def _sdpa_plain(q, k, v, key_bias):
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def _sdpa_with_mask(q, k, v, key_bias):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=key_bias)
 
 
 # The ragged sdpa path as one opaque op for compiled graphs. Eager code calls _sdpa_bucketed
@@ -433,5 +479,7 @@ def _sdpa_compiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: Pack
     # The model builds the plan before the blocks (APTViT.block_context): a traced cache hit.
     # Without one, the (disabled) builder runs eagerly at the cost of a graph break.
     plan = seqs.cache.get(_plan_key(q.device)) or bucket_plan(seqs, q.device)
+    if plan.padded is not None:  # exported: plain aten ops, which AOTInductor fuses and ONNX can express
+        return _sdpa_bucketed(q, k, v, plan.slots, plan.key_ok, bias_fn, plan.padded)
     tables = (None, None, None) if bias_fn is None else (bias_fn.rel_pos_h, bias_fn.rel_pos_w, bias_fn.positions)
     return _bucketed_sdpa_op(q, k, v, list(plan.slots), list(plan.key_ok), *tables, plan.frame_size)

@@ -25,12 +25,13 @@ from .layout import PatchLayout
 __all__ = ["AdaptivePatchEmbed", "position_embeddings", "abs_pos_grid", "gather_level_maps"]
 
 
-def gather_level_maps(maps: list[torch.Tensor], layout: PatchLayout) -> torch.Tensor:
+def gather_level_maps(maps: list[torch.Tensor], layout: PatchLayout, shared: bool = False) -> torch.Tensor:
     """Pick every token's vector from per-level maps.
 
     Args:
-        maps: ``maps[k]`` is ``(B or 1, Hc / 2^k, Wc / 2^k, C)`` for ``k = 0..K``; a leading 1
-            is shared by all images (position embeddings).
+        maps: ``maps[k]`` is ``(B, Hc / 2^k, Wc / 2^k, C)`` for ``k = 0..K``.
+        shared: the maps are ``(1, ...)``, shared by all images (position embeddings). Said, not
+            read from the shape: a traced batch size is a symbol that must not be compared to 1.
     Returns:
         ``(N, C)`` in token order.
     """
@@ -43,7 +44,7 @@ def gather_level_maps(maps: list[torch.Tensor], layout: PatchLayout) -> torch.Te
         offset += (level >= k) * (maps[k - 1].shape[0] * maps[k - 1].shape[1] * maps[k - 1].shape[2])
     width = maps[0].shape[2] >> level
     height = maps[0].shape[1] >> level
-    image = torch.zeros_like(layout.token_image) if maps[0].shape[0] == 1 else layout.token_image
+    image = torch.zeros_like(layout.token_image) if shared else layout.token_image
     row, col = layout.token_cell[:, 0] >> level, layout.token_cell[:, 1] >> level
     return table[offset + (image * height + row) * width + col]
 
@@ -88,7 +89,7 @@ def position_embeddings(pos_embed: torch.Tensor, layout: PatchLayout, has_cls_en
     """``(N, C)`` absolute position embedding of every token: the pretrained ``(1, [1 +] S*S, C)``
     grid resized to the cell grid, then area-averaged over each token's patch."""
     grid = abs_pos_grid(pos_embed, has_cls_entry, layout.grid_size)
-    return gather_level_maps(area_pooled_levels(grid, 0 if layout.is_dense else layout.num_levels), layout)
+    return gather_level_maps(area_pooled_levels(grid, 0 if layout.is_dense else layout.num_levels), layout, shared=True)
 
 
 class AdaptivePatchEmbed(nn.Module):

@@ -40,8 +40,9 @@ class PackedSequences:
 
     Attributes:
         cu_seqlens: ``(S + 1,)`` int32 sequence boundaries in slot order, leading 0.
-        lengths: ``(S,)`` host int64 array of sequence lengths.
-        max_len: longest sequence (a Python int, as the varlen kernels need).
+        lengths: ``(S,)`` host int64 array of sequence lengths; None in traced programs
+            (:meth:`PendingLayout.pack_traced`), whose counts stay on the device.
+        max_len: longest sequence (a Python int, as the varlen kernels need); None when traced.
         positions: ``(T, 2)`` float32 centre (row, col) of every slot in base cells, relative to
             the sequence's frame (its window, or its image).
         frame_size: ``(rows, cols)`` of the frame in cells (window size, or the image grid).
@@ -57,8 +58,8 @@ class PackedSequences:
     """
 
     cu_seqlens: torch.Tensor
-    lengths: np.ndarray
-    max_len: int
+    lengths: np.ndarray | None
+    max_len: int | None
     positions: torch.Tensor
     frame_size: tuple[int, int]
     gather: torch.Tensor | None = None
@@ -70,11 +71,11 @@ class PackedSequences:
 
     @property
     def num_sequences(self) -> int:
-        return len(self.lengths)
+        return self.cu_seqlens.shape[0] - 1
 
     @property
     def num_slots(self) -> int:
-        return int(self.positions.shape[0])
+        return self.positions.shape[0]
 
     @property
     def uniform(self) -> bool:
@@ -135,11 +136,11 @@ class PatchLayout:
 
     @property
     def batch_size(self) -> int:
-        return int(self.cell_level.shape[0])
+        return self.cell_level.shape[0]
 
     @property
     def num_tokens(self) -> int:
-        return int(self.token_image.shape[0])
+        return self.token_image.shape[0]
 
     @property
     def tokens_per_image_host(self) -> tuple[int, ...]:
@@ -147,7 +148,13 @@ class PatchLayout:
 
     @property
     def is_dense(self) -> bool:
-        """Every image keeps all its cells as base tokens (known on the host, no sync)."""
+        """Every image keeps all its cells as base tokens (known on the host, no sync). A traced
+        layout (:meth:`PendingLayout.pack_traced`) is dense only when nothing could merge: its
+        token count is unknown while tracing, and the general path is exact on dense batches."""
+        if self.num_levels == 0:
+            return True
+        if self.images.lengths is None:
+            return False
         return self.num_tokens == self.batch_size * self.grid_size[0] * self.grid_size[1]
 
     @property
@@ -193,8 +200,8 @@ class ImagePrefix:
         prefix[prefix_slot] = True
         images = PackedSequences(
             cu_seqlens=seqs.cu_seqlens + torch.arange(b + 1, dtype=torch.int32, device=device),
-            lengths=seqs.lengths + 1,
-            max_len=seqs.max_len + 1,
+            lengths=None if seqs.lengths is None else seqs.lengths + 1,
+            max_len=None if seqs.max_len is None else seqs.max_len + 1,
             positions=positions,
             frame_size=seqs.frame_size,
             prefix=prefix,
@@ -232,7 +239,13 @@ class _Geometry:
     real_cells: np.ndarray  # (num_windows,) real (non-padding) cells per window
     pad_positions: torch.Tensor  # (P, 2) float32 padding cells of one image, window-major, window frame
     pad_cells: torch.Tensor  # (num_windows,) int64 padding cells per window
+    pad_window: torch.Tensor  # (P,) int64 window of each padding cell of one image
+    pad_rank: torch.Tensor  # (P,) int64 index of each padding cell among its window's
     window_origin_of_cell: torch.Tensor | None  # (Hp*Wp, 2) int64 origin of each cell's window
+
+    @property
+    def pads_per_image(self) -> int:
+        return int(self.pad_window.shape[0])
 
 
 @functools.lru_cache(maxsize=64)
@@ -240,9 +253,10 @@ def _geometry(grid: tuple[int, int], window: int, device: torch.device) -> _Geom
     hc, wc = grid
     if window <= 0:
         order = torch.arange(hc * wc, device=device)
+        none = torch.zeros(0, dtype=torch.int64, device=device)
         return _Geometry(
             grid, order, np.array([hc * wc]), torch.zeros(0, 2, device=device),
-            torch.zeros(1, dtype=torch.int64, device=device), None,
+            torch.zeros(1, dtype=torch.int64, device=device), none, none, None,
         )
     hp, wp = -(-hc // window) * window, -(-wc // window) * window
     nh, nw = hp // window, wp // window
@@ -251,6 +265,9 @@ def _geometry(grid: tuple[int, int], window: int, device: torch.device) -> _Geom
     real = (rows < hc) & (cols < wc)
     local_r, local_c = rows % window, cols % window
     pad = np.stack([local_r[~real], local_c[~real]], axis=1).astype(np.float32)  # window-major
+    pads_per_window = window * window - real.reshape(nh * nw, -1).sum(1)
+    pad_window = np.nonzero(~real.reshape(nh * nw, -1))[0]
+    pad_rank = np.arange(len(pad_window)) - np.concatenate([[0], np.cumsum(pads_per_window)])[pad_window]
     origin = np.stack([rows // window * window, cols // window * window], axis=-1).reshape(-1, 2)
     origin_raster = np.empty_like(origin)
     origin_raster[raster.reshape(-1)] = origin
@@ -259,7 +276,9 @@ def _geometry(grid: tuple[int, int], window: int, device: torch.device) -> _Geom
         cell_order=torch.from_numpy(raster.reshape(-1).copy()).to(device),
         real_cells=real.reshape(nh * nw, -1).sum(1),
         pad_positions=torch.from_numpy(pad).to(device),
-        pad_cells=torch.from_numpy(window * window - real.reshape(nh * nw, -1).sum(1)).to(device),
+        pad_cells=torch.from_numpy(pads_per_window).to(device),
+        pad_window=torch.from_numpy(pad_window.astype(np.int64)).to(device),
+        pad_rank=torch.from_numpy(pad_rank.astype(np.int64)).to(device),
         window_origin_of_cell=torch.from_numpy(origin_raster).to(device),
     )
 
@@ -312,10 +331,18 @@ class PendingLayout:
         Args:
             num_levels: the coarsest level the planner could choose (recorded on the layout).
         """
+        counts_host = np.asarray(counts_host, dtype=np.int64)
+        return self._pack(int(counts_host.sum()), num_levels, counts_host)
+
+    def pack_traced(self, num_tokens: int, num_levels: int) -> PatchLayout:
+        """Packing step 3 without the host counts, for traced programs (:mod:`apt_dense.export`):
+        ``num_tokens`` is the batch's token count as an (unbacked) ``SymInt``. The sequences'
+        host ``lengths`` and ``max_len`` are None; nothing is read back from the device."""
+        return self._pack(num_tokens, num_levels, None)
+
+    def _pack(self, num_tokens: int, num_levels: int, counts_host: np.ndarray | None) -> PatchLayout:
         b, hc, wc = self.cell_level.shape
         geo = _geometry((hc, wc), self.window_size, self.cell_level.device)
-        counts_host = np.asarray(counts_host, dtype=np.int64)
-        num_tokens = int(counts_host.sum())
         # Token t is the t-th anchor in window-major order.
         flat_anchor = self.anchors.flatten()
         token_of_ordered = flat_anchor.cumsum(0) - 1
@@ -327,11 +354,11 @@ class PendingLayout:
         token_level = self.cell_level[token_image, token_cell[:, 0], token_cell[:, 1]]
         centers = patch_centers(token_cell, token_level)
         per_image = self.counts.view(b, -1).sum(1)
-        per_image_host = counts_host.reshape(b, -1).sum(1)
+        per_image_host = None if counts_host is None else counts_host.reshape(b, -1).sum(1)
         images = PackedSequences(
             cu_seqlens=_cumsum0(per_image),
             lengths=per_image_host,
-            max_len=int(per_image_host.max()),
+            max_len=_host_max(per_image_host),
             positions=centers,
             frame_size=(hc, wc),
             max_slots=hc * wc,
@@ -340,7 +367,8 @@ class PendingLayout:
         windows = None
         if self.window_size > 0:
             windows = _window_sequences(
-                self.window_size, b, geo, self.counts, counts_host, centers, in_image, ragged=num_levels > 0
+                self.window_size, b, geo, self.counts, counts_host, centers, token_image, in_image,
+                ragged=num_levels > 0,
             )
         return PatchLayout(
             grid_size=(hc, wc),
@@ -355,6 +383,10 @@ class PendingLayout:
             images=images,
             windows=windows,
         )
+
+
+def _host_max(lengths: np.ndarray | None) -> int | None:
+    return None if lengths is None else int(lengths.max())
 
 
 def _token_cells(
@@ -396,53 +428,54 @@ def _window_sequences(
     b: int,
     geo: _Geometry,
     counts: torch.Tensor,
-    counts_host: np.ndarray,
+    counts_host: np.ndarray | None,
     centers: torch.Tensor,
+    token_image: torch.Tensor,
     in_image: torch.Tensor,
     ragged: bool,
 ) -> PackedSequences:
-    """One sequence per window: its tokens, then its zero-padding cells (padded windows only)."""
+    """One sequence per window: its tokens, then its zero-padding cells (padded windows only).
+    Slot indices come from each token's window and the geometry's static padding pattern
+    (no sizes read from ``counts``), so the same code runs traced."""
     device = centers.device
     origin = geo.window_origin_of_cell[in_image].float()
     positions = centers - origin
     full = window * window
-    pad_per_window = full - geo.real_cells
-    if not pad_per_window.any():
+    if not geo.pads_per_image:
         return PackedSequences(
             cu_seqlens=_cumsum0(counts),
             lengths=counts_host,
-            max_len=int(counts_host.max()),
+            max_len=_host_max(counts_host),
             positions=positions,
             frame_size=(window, window),
             max_slots=full,
             ragged=ragged,
         )
-    num_tokens = len(centers)
-    pads_host = np.tile(pad_per_window, b)
-    num_pads = int(pads_host.sum())
+    num_tokens = centers.shape[0]
+    windows_per_image = len(geo.real_cells)
+    hp, wp = geo.padded
     pads = geo.pad_cells.repeat(b)
-    lengths_host = counts_host + pads_host
+    num_pads = b * geo.pads_per_image
     num_slots = num_tokens + num_pads
-    seq_ids = torch.arange(len(pads_host), device=device)
     slot_start = _cumsum0(counts + pads).long()
     token_start = _cumsum0(counts).long()
-    token_window = torch.repeat_interleave(seq_ids, counts, output_size=num_tokens)
+    row, col = in_image // wp, in_image % wp
+    token_window = token_image * windows_per_image + (row // window) * (wp // window) + col // window
     scatter = torch.arange(num_tokens, device=device) - token_start[token_window] + slot_start[token_window]
-    pad_window = torch.repeat_interleave(seq_ids, pads, output_size=num_pads)
-    pad_start = _cumsum0(pads).long()
-    pad_slots = (
-        torch.arange(num_pads, device=device) - pad_start[pad_window]
-        + slot_start[pad_window] + counts[pad_window]
-    )
+    pad_window = (
+        torch.arange(b, device=device).view(b, 1) * windows_per_image + geo.pad_window.view(1, -1)
+    ).flatten()
+    pad_slots = slot_start[pad_window] + counts[pad_window] + geo.pad_rank.repeat(b)
     gather = torch.full((num_slots,), num_tokens, dtype=torch.int64, device=device)
     gather[scatter] = torch.arange(num_tokens, device=device)
     slot_positions = torch.empty(num_slots, 2, dtype=torch.float32, device=device)
     slot_positions[scatter] = positions
     slot_positions[pad_slots] = geo.pad_positions.repeat(b, 1)
+    lengths_host = None if counts_host is None else counts_host + np.tile(full - geo.real_cells, b)
     return PackedSequences(
         cu_seqlens=_cumsum0(counts + pads),
         lengths=lengths_host,
-        max_len=int(lengths_host.max()),
+        max_len=_host_max(lengths_host),
         positions=slot_positions,
         frame_size=(window, window),
         gather=gather,

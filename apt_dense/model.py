@@ -310,7 +310,16 @@ class APTViT(nn.Module):
         images = _pad_bottom_right(images, self.size_divisibility)
         compiled = self._compiled_block is not None or torch.compiler.is_compiling()
         layout, x, ctx = self._plan_and_embed(images, compiled)           # 1-3 (eager)
-        run = self._compiled_block or _run_block                          # 4. blocks
+        features = self.run_blocks(x, ctx, layout, (rows, cols))          # 4-5
+        return APTOutput(features, layout.tokens_per_image, layout)
+
+    def run_blocks(
+        self, x: torch.Tensor, ctx: PackedContext, layout: PatchLayout, crop: tuple[int, int]
+    ) -> list[torch.Tensor]:
+        """Stages 4-5: the blocks on the ``(R, C)`` stream, and one ``(B, C, rows, cols)`` dense
+        map per entry of ``out_indices`` (``crop``: ``(rows, cols)`` of the unpadded input).
+        Eager and exported programs (:mod:`apt_dense.export`) share it."""
+        run = self._compiled_block or _run_block
         maps = {}
         for i, block in enumerate(self.blocks):
             if self._compiled_block is not None:
@@ -319,9 +328,15 @@ class APTViT(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(run, block, x, ctx, use_reentrant=False)
             else:
                 x = run(block, x, ctx)
-            if i in self.out_indices:                                     # 5. dense maps
-                maps[i] = tokens_to_dense(ctx.tokens(x), layout)[..., :rows, :cols]
-        return APTOutput([maps[i] for i in self.out_indices], layout.tokens_per_image, layout)
+            if i in self.out_indices:
+                maps[i] = tokens_to_dense(ctx.tokens(x), layout)[..., : crop[0], : crop[1]]
+        return [maps[i] for i in self.out_indices]
+
+    def head_outputs(self, features: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The model's named outputs from :meth:`run_blocks`' maps: here one map per
+        ``out_indices`` entry. Subclasses with a head (SAM's encoder and its neck) return what
+        their ``forward`` returns; exported programs (:mod:`apt_dense.export`) return this."""
+        return {f"features_{i}": f for i, f in zip(self.out_indices, features)}
 
     @torch.compiler.disable
     def _plan_and_embed(self, images: torch.Tensor, compiled: bool) -> tuple[PatchLayout, torch.Tensor, PackedContext]:

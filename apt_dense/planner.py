@@ -159,6 +159,21 @@ class TokenPlanner(nn.Module):
         thresholds with :meth:`plan_scores`)."""
         return self.scorer(self.intensity(images), self.patch_size, self.schedule.num_levels)
 
+    def cell_levels(
+        self, images: torch.Tensor, gray: torch.Tensor | None = None, thresholds: Sequence | torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Stages 1-2a on the device, no host sync: ``(B, Hc, Wc)`` int64 level per cell (zeros
+        when nothing merges). ``gray``: :meth:`intensity` of ``images``, if already computed;
+        ``thresholds``: per-level thresholds instead of the schedule's (a ``(K,)`` tensor in
+        exported programs, where they are an input)."""
+        if not self.merges:
+            b, _, h, w = images.shape
+            grid = (h // self.patch_size, w // self.patch_size)
+            return torch.zeros(b, *grid, dtype=torch.int64, device=images.device)
+        gray = self.intensity(images) if gray is None else gray
+        scores = self.scorer(gray, self.patch_size, self.schedule.num_levels)
+        return select_levels(scores, self.schedule.thresholds if thresholds is None else thresholds)
+
     # Planning is host-side work on pixel values and ends in the host sync that sizes every
     # token tensor: always eager, also when called from compiled code.
     @torch.compiler.disable
@@ -167,19 +182,13 @@ class TokenPlanner(nn.Module):
         say, sides multiples of :attr:`size_divisibility`. One host sync."""
         self.check_images(images)
         self.check_size(images)
-        b, _, h, w = images.shape
         checks = [(~torch.isfinite(images)).any().view(1).long()]
         check_scale = self.merges and not self._input_scale_warned
         with torch.no_grad():
-            if self.merges:
-                gray = self.intensity(images)
-                if check_scale:
-                    checks.append(intensity_extremes(gray))
-                scores = self.scorer(gray, self.patch_size, self.schedule.num_levels)
-                cell_level = select_levels(scores, self.schedule.thresholds)
-            else:
-                grid = (h // self.patch_size, w // self.patch_size)
-                cell_level = torch.zeros(b, *grid, dtype=torch.int64, device=images.device)
+            gray = self.intensity(images) if self.merges else None
+            if check_scale:
+                checks.append(intensity_extremes(gray))
+            cell_level = self.cell_levels(images, gray)
         layout, (non_finite, *extremes) = self._pack(cell_level, checks)
         if non_finite:
             raise ValueError("images contain NaN or Inf pixels; clean or drop those images before the model")

@@ -135,7 +135,7 @@ _EXTREMES_SCALE = 256.0
 
 def intensity_extremes(gray: torch.Tensor) -> torch.Tensor:
     """``(2,)`` int64 on the device: min and max of a grayscale batch in 1/256 steps (no sync)."""
-    low, high = torch.aminmax(gray)
+    low, high = torch.aminmax(gray.flatten(), dim=0)  # over one dim: the form ONNX export translates
     return (torch.stack([low, high]).clamp(-(2.0**31), 2.0**31) * _EXTREMES_SCALE).round().long()
 
 

@@ -144,11 +144,19 @@ class APTImageEncoderViT(APTViT):
         out = self.forward_features(x)
         self.last_layout = out.layout
         self.token_stats.update(out.layout)
-        maps = dict(zip(self.out_indices, out.features))
-        embeddings = self.neck(maps[len(self.blocks) - 1])
-        if not self.returns_interm_embeddings:
-            return embeddings
-        return embeddings, [maps[i].permute(0, 2, 3, 1) for i in self.interm_indexes]
+        outputs = self.head_outputs(out.features)
+        embeddings = outputs.pop("image_embeddings")
+        return (embeddings, list(outputs.values())) if self.returns_interm_embeddings else embeddings
+
+    def head_outputs(self, features: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``image_embeddings`` (the neck on the last block's map) and, for SAM-HQ,
+        ``interm_embeddings_{i}`` for every global block ``i``, as ``forward`` returns them
+        (exported programs too, :mod:`apt_dense.export`)."""
+        maps = dict(zip(self.out_indices, features))
+        outputs = {"image_embeddings": self.neck(maps[len(self.blocks) - 1])}
+        if self.returns_interm_embeddings:
+            outputs.update({f"interm_embeddings_{i}": maps[i].permute(0, 2, 3, 1) for i in self.interm_indexes})
+        return outputs
 
 
 class APTImageEncoderViTHQ(APTImageEncoderViT):
