@@ -42,9 +42,21 @@ def _eva02_seg(dim: int, depth: int, heads: int) -> dict:
     )
 
 
+def _dinov2(dim: int, depth: int, heads: int, out_indices: tuple[int, ...] | None = None) -> dict:
+    """DINOv2 at 518 px (37 x 37 cells of 14 px): global attention, LayerScale, a cls token, the
+    position grid resized as transformers' ``Dinov2Embeddings``. ``out_indices``: the last four
+    blocks (DPT / Depth Anything V1) unless given."""
+    return dict(
+        img_size=518, patch_size=14, embed_dim=dim, depth=depth, num_heads=heads, mlp_ratio=4.0, norm_layer=_LN,
+        block_type="dinov2", use_cls_token=True, pretrain_img_size=518, pretrain_use_cls_token=True,
+        pos_embed_resize="dinov2", out_indices=out_indices or tuple(range(depth - 4, depth)),
+    )
+
+
 # EVA-02 detection at 1536 with window 32 (baaivision/EVA, EVA-02/det projects/ViTDet configs),
-# ViTDet on MAE at 1024 with window 14 (facebookresearch/detectron2, projects/ViTDet/configs), and
-# EVA-02 segmentation at 512 (baaivision/EVA, EVA-02/seg configs).
+# ViTDet on MAE at 1024 with window 14 (facebookresearch/detectron2, projects/ViTDet/configs),
+# EVA-02 segmentation at 512 (baaivision/EVA, EVA-02/seg configs), and DINOv2 / Depth Anything V2
+# at 518.
 HOSTS = {
     "eva02_b_det": _eva02_det(768, 12, 12, (1, 3, 5, 7, 9, 11)),
     "eva02_l_det": _eva02_det(1024, 24, 16, _every_third(24)),
@@ -52,12 +64,24 @@ HOSTS = {
     "vitdet_l": _vitdet(1024, 24, 16, (5, 11, 17, 23)),
     "eva02_b_seg": _eva02_seg(768, 12, 12),
     "eva02_l_seg": _eva02_seg(1024, 24, 16),
+    # DINOv2 (facebookresearch/dinov2; transformers' facebook/dinov2-{small,base,large}) and the
+    # Depth Anything V2 backbones, which read blocks 2,5,8,11 (S, B) and 4,11,17,23 (L).
+    "dinov2_s": _dinov2(384, 12, 6),
+    "dinov2_b": _dinov2(768, 12, 12),
+    "dinov2_l": _dinov2(1024, 24, 16),
+    "depth_anything_v2_s": _dinov2(384, 12, 6, (2, 5, 8, 11)),
+    "depth_anything_v2_b": _dinov2(768, 12, 12, (2, 5, 8, 11)),
+    "depth_anything_v2_l": _dinov2(1024, 24, 16, (4, 11, 17, 23)),
 }
 
 # The paper's thresholds (entropy, 512 bins, bits): detection sizes 32/64/128, segmentation 32.
+# "depth": 14 px patches at 518 (DINOv2, Depth Anything), the segmentation setting translated by
+# tools/translate_thresholds.py (the same share of real photos merged per level: 5.75 at 32 and
+# 64 px with 16 px patches at 512 -> 5.54 at 28 px, 5.61 at 56 px).
 APT_SETTINGS = {
     "detection": {32: 2.0, 64: 2.0, 128: 0.3},
     "segmentation": {32: 5.75},
+    "depth": {28: 5.5, 56: 5.625},
 }
 
 

@@ -91,10 +91,14 @@ def from_pretrained(folder: str | os.PathLike, *, output_loading_info: bool = Fa
     if dense_class is None:
         raise ValueError(f"{folder}: model_type {config.model_type!r} has no DINOv2 backbone APT can swap; "
                          f"supported: {sorted(_FOLDER_CLASSES)}")
-    try:
-        model, info = dense_class.from_pretrained(folder, local_files_only=True, output_loading_info=True, **hf_kwargs)
-    except RuntimeError as err:  # transformers raises on shape mismatches, after logging the keys
-        raise ValueError(f"{folder}: weights do not fit the model of its config.json: {err}") from err
+    # Mismatches come back in the loading info (transformers' own error does not name them).
+    model, info = dense_class.from_pretrained(
+        folder, local_files_only=True, output_loading_info=True, ignore_mismatched_sizes=True, **hf_kwargs
+    )
+    mismatched = sorted(info["mismatched_keys"])
+    if mismatched:
+        raise ValueError(f"{folder}: weights do not fit the model of its config.json (shape mismatch):\n"
+                         + "\n".join(f"  {k}: folder {tuple(a)} vs model {tuple(b)}" for k, a, b in mismatched))
     missing = sorted(info["missing_keys"])
     if missing:
         raise ValueError(f"{folder}: the weights lack keys of {dense_class.__name__} (they would stay random): {missing}")
