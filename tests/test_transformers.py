@@ -269,3 +269,22 @@ def test_compiled_blocks_match_eager(fresh_dynamo, photos):
         apt.apt.compile_blocks(backend="aot_eager")
         for a, b in zip(apt(x).feature_maps, eager):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_depth_quality_tool_wiring(depth_folder, tmp_path, capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import depth_quality
+
+    out = tmp_path / "quality.json"
+    assert depth_quality.main(["--model", str(depth_folder), "--limit", "2", "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [row["image"] for row in result["images"]] == ["astronaut", "coffee"]
+    for row in result["images"]:
+        assert 0 < row["tokens"] < row["dense_tokens"] and 0 <= row["abs_rel"] < 1 and 0 <= row["delta1"] <= 1
+    assert set(result["overall"]) == {"kept", "abs_rel", "delta1"} and "overall" in capsys.readouterr().out
+    same = depth_quality.depth_errors(torch.ones(4, 4), torch.ones(4, 4))
+    assert same == {"abs_rel": 0.0, "delta1": 1.0}
+    assert depth_quality.depth_errors(torch.full((2,), 2.0), torch.ones(2)) == {"abs_rel": 1.0, "delta1": 0.0}
