@@ -1,11 +1,17 @@
-"""Side-by-side timing of models on the same inputs (alternating, after warm-up), model pairs
-and patching stand-ins for the tools, and the argument types their command lines share."""
+"""Side-by-side timing and peak memory of models on the same inputs (alternating, after warm-up),
+model pairs and patching stand-ins for the tools, and the argument types their command lines
+share."""
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
+import gc
 import json
 import math
+import os
 import time
+import functools
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -15,8 +21,10 @@ from torch import nn
 from .planner import TokenPlanner
 
 __all__ = [
-    "timed_call", "time_side_by_side", "backbone_flops", "build_model_pair", "same_weights_pair", "build_planner",
-    "positive_int", "non_negative_int", "non_negative_float", "unit_fraction", "thresholds_json", "existing_folder",
+    "timed_call", "time_side_by_side", "peak_memory_mib", "backbone_flops", "model_builder", "build_model_pair",
+    "same_weights_pair", "host_window", "build_planner", "host_planner",
+    "positive_int", "non_negative_int", "non_negative_float", "unit_fraction", "int_between", "thresholds_json",
+    "image_folder", "existing_file", "torch_device",
 ]
 
 
@@ -50,6 +58,68 @@ def time_side_by_side(
     return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
+@functools.cache
+def _libc():
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+
+
+def _reset_rss_high_water() -> bool:
+    """Free what can be freed, then set this process's peak RSS (VmHWM) to its current RSS
+    (Linux: ``/proc/self/clear_refs``). False where that is not possible."""
+    gc.collect()
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)  # glibc keeps freed heap pages resident otherwise
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def _rss_high_water_mib() -> float:
+    with open("/proc/self/status") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    return kib / 1024
+
+
+def process_peak_rss_mib() -> float | None:
+    """The peak resident set size of this process since it started (``getrusage``), None where
+    the platform has no ``resource`` module."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if os.uname().sysname == "Darwin" else peak / 1024  # bytes on macOS, KiB elsewhere
+
+
+def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float | None:
+    """Peak memory in MiB while ``fn()`` runs.
+
+    CUDA: the most memory allocated on ``device`` (``torch.cuda.max_memory_allocated``). CPU: the
+    peak resident set size of the whole process (VmHWM, reset just before ``fn``), so it includes
+    the weights and everything else the process holds. None on a CPU whose high-water mark cannot
+    be reset (no ``/proc/self/clear_refs``): measure in a fresh process per side instead
+    (:func:`process_peak_rss_mib`).
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    if not _reset_rss_high_water():
+        return None
+    fn()
+    return _rss_high_water_mib()
+
+
 def backbone_flops(model, layout) -> float:
     """Multiply-add FLOPs (x2) of ``model``'s blocks on ``layout``: linear layers scale with the
     token count, attention with the sum of squared sequence lengths. Patch embedding excluded."""
@@ -65,8 +135,8 @@ def backbone_flops(model, layout) -> float:
     return total
 
 
-def build_model_pair(host: str, thresholds, *, seed: int = 0, **overrides):
-    """``(apt, dense)``: the same random weights, adaptive patching on and off (eval mode).
+def model_builder(host: str, thresholds, **overrides) -> Callable[[bool], nn.Module]:
+    """``build(adaptive)``: an ``APTViT`` of ``host`` with ``thresholds``, adaptive patching on or off.
 
     Args:
         host: a preset name from :data:`apt_dense.presets.HOSTS`.
@@ -81,7 +151,13 @@ def build_model_pair(host: str, thresholds, *, seed: int = 0, **overrides):
         windows = HOSTS[host].get("window_block_indexes", ())
         overrides["window_block_indexes"] = tuple(i for i in windows if i < overrides["depth"])
     kwargs = host_kwargs(host, **overrides)
-    return same_weights_pair(lambda adaptive: APTViT(**kwargs, thresholds=thresholds, adaptive=adaptive), seed=seed)
+    return lambda adaptive: APTViT(**kwargs, thresholds=thresholds, adaptive=adaptive)
+
+
+def build_model_pair(host: str, thresholds, *, seed: int = 0, **overrides):
+    """``(apt, dense)``: the same random weights, adaptive patching on and off (eval mode); the
+    arguments are :func:`model_builder`'s."""
+    return same_weights_pair(model_builder(host, thresholds, **overrides), seed=seed)
 
 
 def same_weights_pair(build: Callable[[bool], nn.Module], *, seed: int = 0) -> tuple[nn.Module, nn.Module]:
@@ -119,6 +195,35 @@ def build_planner(
         raise ValueError(f"size {img_size} px is not a multiple of the largest patch ({unit} px) of thresholds "
                          f"{planner.schedule.threshold_map()}; use " + (f"{lower} or {upper}" if lower else f"{upper}"))
     return planner
+
+
+def host_window(host: str, window: int | None = None, depth: int | None = None) -> int:
+    """Window side in cells of ``host``'s windowed blocks among its first ``depth`` (``window``
+    overrides the preset's), 0 when it has none.
+
+    Raises:
+        ValueError: ``window`` given for a host without windowed blocks, where it would do nothing.
+    """
+    from .presets import HOSTS
+
+    preset = HOSTS[host]
+    blocks = [i for i in preset.get("window_block_indexes", ()) if depth is None or i < depth]
+    if not blocks:
+        if window is not None:
+            trimmed = f" in its first {depth} blocks" if preset.get("window_block_indexes") else ""
+            raise ValueError(f"--window {window}: {host} has no windowed blocks{trimmed} (global attention only), "
+                             "so a window would do nothing; drop --window or choose a host with windows")
+        return 0
+    return window or preset["window_size"]
+
+
+def host_planner(host: str, thresholds: Mapping[int, float], *, img_size: int, window: int | None = None,
+                 depth: int | None = None, scorer: str = "entropy") -> TokenPlanner:
+    """:func:`build_planner` for a host preset's patch size and windows (see :func:`host_window`)."""
+    from .presets import HOSTS
+
+    return build_planner(thresholds, img_size=img_size, patch_size=HOSTS[host]["patch_size"],
+                         window_size=host_window(host, window, depth), scorer=scorer)
 
 
 # Argument types for the tools' argparse parsers: a bad value becomes a one-line usage error.
@@ -168,8 +273,47 @@ def thresholds_json(text: str) -> dict[int, float]:
     return thresholds
 
 
-def existing_folder(text: str) -> Path:
+def int_between(low: int, high: int, why: str = "") -> Callable[[str], int]:
+    """An argument type for integers from ``low`` to ``high``; ``why`` explains the bounds."""
+    return lambda text: _number(text, int, f"an integer from {low} to {high}{why}", lambda v: low <= v <= high)
+
+
+def image_folder(text: str) -> Path:
+    """A folder that can be listed and holds at least one file with an image suffix."""
+    from .sample_images import IMAGE_SUFFIXES, image_files
+
     path = Path(text)
     if not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is not a folder")
+    try:
+        files = image_files(path)
+    except OSError as err:
+        raise argparse.ArgumentTypeError(f"cannot list {text} ({err.strerror or err}); check its permissions") from None
+    if not files:
+        raise argparse.ArgumentTypeError(f"{text} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
     return path
+
+
+def existing_file(text: str) -> Path:
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{text} is a folder, not a file" if path.is_dir() else f"{text} does not exist")
+    return path
+
+
+def torch_device(text: str) -> torch.device:
+    """``cpu``, ``cuda`` or ``cuda:N`` that this machine has (timing and memory are measured on
+    those two kinds only)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text!r}: the tools run and measure on cpu or cuda only; use cpu or cuda")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text}, but this torch sees no CUDA device; use cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise argparse.ArgumentTypeError(f"{text}: this machine has {count} CUDA device(s); use cuda:0 to cuda:{count - 1}")
+    return device

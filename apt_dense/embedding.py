@@ -55,15 +55,26 @@ def gather_level_maps(maps: list[torch.Tensor], layout: PatchLayout) -> torch.Te
 
 
 def abs_pos_grid(pos_embed: torch.Tensor, has_cls_token: bool, grid: tuple[int, int]) -> torch.Tensor:
-    """``(1, [1 +] S*S, C) -> (1, Hc, Wc, C)``: the pretrained square grid resized bicubically
-    to the cell grid (detectron2's ``get_abs_pos``)."""
-    if has_cls_token:
-        pos_embed = pos_embed[:, 1:]
-    side = math.isqrt(pos_embed.shape[1])
-    if side * side != pos_embed.shape[1]:
-        raise ValueError(f"position embedding with {pos_embed.shape[1]} entries is not a square grid")
-    square = pos_embed.reshape(1, side, side, -1)
-    if (side, side) == tuple(grid):
+    """The pretrained position grid as ``(1, Hc, Wc, C)``, resized bicubically only when its grid
+    differs from the cell grid (detectron2's ``get_abs_pos``).
+
+    Args:
+        pos_embed: ``(1, [1 +] S*S, C)`` flattened square grid (ViTDet, MAE, EVA-02), or a
+            ``(1, H, W, C)`` grid (Segment Anything's ``ImageEncoderViT``).
+        has_cls_token: the flattened form leads with a cls entry (dropped here).
+    """
+    if pos_embed.dim() == 4:
+        if has_cls_token:
+            raise ValueError("a (1, H, W, C) position grid has no cls entry; pass has_cls_token=False")
+        square = pos_embed
+    else:
+        if has_cls_token:
+            pos_embed = pos_embed[:, 1:]
+        side = math.isqrt(pos_embed.shape[1])
+        if side * side != pos_embed.shape[1]:
+            raise ValueError(f"position embedding with {pos_embed.shape[1]} entries is not a square grid")
+        square = pos_embed.reshape(1, side, side, -1)
+    if tuple(square.shape[1:3]) == tuple(grid):
         return square
     resized = F.interpolate(square.permute(0, 3, 1, 2), size=grid, mode="bicubic", align_corners=False)
     return resized.permute(0, 2, 3, 1)

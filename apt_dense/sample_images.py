@@ -2,7 +2,10 @@
 benchmarks."""
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import stat
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -13,7 +16,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "SAMPLE_PHOTOS", "load_sample_photos", "image_files", "read_image", "iter_image_folder", "load_image_folder",
-    "letterbox", "normalise",
+    "image_source", "letterbox", "normalise",
 ]
 
 logger = logging.getLogger(__name__)
@@ -34,11 +37,26 @@ def load_sample_photos(names: Sequence[str] = SAMPLE_PHOTOS) -> dict[str, np.nda
 
 
 def image_files(folder: str | Path) -> list[Path]:
-    """The files in ``folder`` with an image suffix (``IMAGE_SUFFIXES``), sorted by name."""
+    """The files in ``folder`` with an image suffix (``IMAGE_SUFFIXES``), sorted by name.
+    Symbolic links are listed even when broken or looping: :func:`read_image` skips those with a
+    warning, so that no file of the folder is dropped silently."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder} does not exist or is not a folder")
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and (p.is_file() or p.is_symlink()))
+
+
+def _broken_link(path: Path) -> str | None:
+    """Why the symbolic link ``path`` leads to no file, or None when it does (or is no link)."""
+    if not path.is_symlink():
+        return None
+    try:
+        target = path.stat()
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "a symbolic link loop"
+        return f"a broken symbolic link (its target {os.readlink(path)} does not exist)"
+    return None if stat.S_ISREG(target.st_mode) else f"a symbolic link to {os.readlink(path)}, which is not a file"
 
 
 def _high_depth_to_uint8(image, name: str) -> np.ndarray | None:
@@ -78,13 +96,17 @@ def read_image(path: str | Path) -> np.ndarray | None:
     """``(H, W, 3)`` uint8 RGB pixels of one image file, or None when it is skipped.
 
     Other modes are converted, high bit depths scaled to 0..255 (16-bit by 255/65535, float in
-    0..1 by 255). Unreadable files and images over PIL's decompression-bomb limit
-    (``PIL.Image.MAX_IMAGE_PIXELS``) are skipped. Each conversion or skip logs one warning that
+    0..1 by 255). Unreadable files, broken or looping symbolic links and images over PIL's
+    decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``) are skipped. Each conversion or skip logs one warning that
     names the file.
     """
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
+    broken = _broken_link(path)
+    if broken:
+        logger.warning("%s: skipped, %s", path.name, broken)
+        return None
     with warnings.catch_warnings():
         # PIL only warns between the limit and twice the limit, then decodes the whole image.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -127,6 +149,17 @@ def iter_image_folder(folder: str | Path, limit: int | None = None) -> Iterator[
 def load_image_folder(folder: str | Path, limit: int | None = None) -> dict[str, np.ndarray]:
     """``{file name: (H, W, 3) uint8}``: :func:`iter_image_folder` read at once."""
     return dict(iter_image_folder(folder, limit))
+
+
+def image_source(folder: str | Path | None = None, limit: int | None = None) -> tuple[int, Iterator[tuple[str, np.ndarray]]]:
+    """``(count, images)``: ``(name, (H, W, 3) uint8)`` pairs of up to ``limit`` images of ``folder``,
+    read one at a time (:func:`iter_image_folder`), or of the sample photos when ``folder`` is
+    None. ``count`` is how many are expected (image files, at most ``limit``), for progress lines."""
+    if folder is None:
+        photos = load_sample_photos(SAMPLE_PHOTOS[:limit])
+        return len(photos), iter(photos.items())
+    files = len(image_files(folder))
+    return (files if limit is None else min(files, limit)), iter_image_folder(folder, limit)
 
 
 def normalise(raw: torch.Tensor, pixel_mean: Sequence[float], pixel_std: Sequence[float]) -> torch.Tensor:

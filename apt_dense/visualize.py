@@ -8,15 +8,18 @@ size keeps its hue over black space, white walls and the grey letterbox padding 
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from .layout import PatchLayout
+from .outputs import atomic_write
 
-__all__ = ["COARSE_COLORS", "PatchMap", "patch_map", "patch_map_sheet"]
+__all__ = ["COARSE_COLORS", "PICTURE_SUFFIXES", "PatchMap", "patch_map", "patch_map_sheet", "picture_formats", "save_picture"]
 
 # Colours of the coarse patch sizes (2x, 4x, 8x, 16x the base patch): hues far apart that keep
 # their identity from dark to light (no yellow or orange, which turn olive or brown when dark).
@@ -108,6 +111,26 @@ def patch_map(
     counts = np.bincount(layout.token_level[layout.token_image == index].cpu().numpy(), minlength=levels + 1)
     picture = Image.fromarray(out.round().clip(0, 255).astype(np.uint8))
     return PatchMap(name, picture, dict(zip(patch_sizes, counts.tolist())), layout.grid_size[0] * layout.grid_size[1])
+
+
+# Suffixes of the picture files the tools write (sheets, generated images), where PIL can save them.
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")
+
+
+def picture_formats() -> dict[str, str]:
+    """``{suffix: PIL format}`` for the :data:`PICTURE_SUFFIXES` this PIL build can write."""
+    Image, _, _ = _pil()
+    Image.init()
+    registered = Image.registered_extensions()
+    return {suffix: registered[suffix] for suffix in PICTURE_SUFFIXES if registered.get(suffix) in Image.SAVE}
+
+
+def save_picture(picture, path: str | os.PathLike, **options) -> None:
+    """Write a PIL image to ``path`` whole or not at all, in the format its suffix names
+    (``options``: the format's, e.g. ``quality=95`` for JPEG)."""
+    path = Path(path)
+    with atomic_write(path) as f:
+        picture.save(f, format=picture_formats()[path.suffix.lower()], **options)
 
 
 def _font(size: int):

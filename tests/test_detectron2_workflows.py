@@ -7,6 +7,7 @@ Skipped as a whole when detectron2 (not on PyPI) is not installed.
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -62,8 +63,9 @@ def init_checkpoint(tmp_path_factory):
     return path, state
 
 
-def train_net(coco, output_dir, *opts, num_gpus=1, resume=False):
-    """Run tools/train_net.py on the tiny config; return the metrics.json records."""
+def train_net(coco, output_dir, *opts, num_gpus=1, resume=False, refused=None):
+    """Run tools/train_net.py on the tiny config; return the metrics.json records, or, when
+    ``refused`` is a message, check that the run stops at once with it."""
     cmd = [sys.executable, str(TOOLS / "train_net.py"), "--config-file", str(CONFIG),
            "--num-gpus", str(num_gpus), "--dist-url", "auto",
            "--coco-dataset", "apt_tiny_train", *map(str, coco["train"]),
@@ -72,6 +74,9 @@ def train_net(coco, output_dir, *opts, num_gpus=1, resume=False):
     cmd += [f"train.output_dir={output_dir}", "train.log_period=1", *opts]
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, 2 // num_gpus)))
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    if refused is not None:
+        assert run.returncode == 2 and refused in run.stderr.splitlines()[-1] and "Traceback" not in run.stderr, run.stderr
+        return []
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return [json.loads(line) for line in (Path(output_dir) / "metrics.json").read_text().splitlines()]
 
@@ -160,8 +165,9 @@ def test_two_cpu_processes_load_freeze_and_evaluate_like_one(coco, init_checkpoi
 
 @pytest.mark.slow
 def test_resume_continues_at_the_next_iteration_with_the_same_lr(coco, init_checkpoint, tmp_path):
-    """Stopped after 5 of 10 iterations and resumed: iterations 5..9 run once each with the
-    learning rates of an uninterrupted run, and the optimizer state is the one saved. The warmup
+    """Stopped after 5 of 10 iterations, the output dir moved, and resumed there: iterations 5..9
+    run once each with the learning rates of an uninterrupted run, and the optimizer state is the
+    one saved. A plain run in that dir is refused and leaves its checkpoints as they were. The warmup
     spans 7 of 10 iterations and the steps come at 8 and 9, so every resumed lr is distinct."""
     path, _ = init_checkpoint
     schedule = [f"train.init_checkpoint={path}", "lr_multiplier.warmup_length=0.7",
@@ -171,7 +177,13 @@ def test_resume_continues_at_the_next_iteration_with_the_same_lr(coco, init_chec
         return [(r["iteration"], r["lr"]) for r in records if "lr" in r]
 
     reference = lrs(train_net(coco, tmp_path / "reference", *schedule, "train.max_iter=10"))
-    train_net(coco, tmp_path / "resumed", *schedule, "train.max_iter=5")
+    train_net(coco, tmp_path / "first", *schedule, "train.max_iter=5")
+    # The work dir moves before it is resumed; a plain run there would overwrite its checkpoints.
+    shutil.move(tmp_path / "first", tmp_path / "resumed")
+    stopped = (tmp_path / "resumed" / "model_final.pth").read_bytes()
+    train_net(coco, tmp_path / "resumed", *schedule, "train.max_iter=10",
+              refused=f"train.output_dir {tmp_path / 'resumed'} holds checkpoints of an earlier run")
+    assert (tmp_path / "resumed" / "model_final.pth").read_bytes() == stopped
     assert saved(tmp_path / "resumed" / "model_final.pth")["iteration"] == 4
     resumed = lrs(train_net(coco, tmp_path / "resumed", *schedule, "train.max_iter=10", resume=True))
     assert [i for i, _ in reference] == list(range(10))

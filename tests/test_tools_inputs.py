@@ -1,5 +1,7 @@
 """Bad or unusual tool input: image files, command-line values, Ctrl-C; and the patch-map sheet."""
+import json
 import logging
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -14,11 +16,16 @@ from apt_dense.presets import IMAGENET_PIXEL_MEAN
 from apt_dense.sample_images import iter_image_folder, letterbox, load_image_folder, read_image
 from apt_dense.visualize import COARSE_COLORS, FONT_SIZE, LINE_HEIGHT, TILE_GAP, patch_map, patch_map_sheet
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+ROOT = Path(__file__).resolve().parents[1]
+TOOLS = ROOT / "tools"
+sys.path.insert(0, str(TOOLS))
 
 import benchmark  # noqa: E402
 import calibrate_thresholds  # noqa: E402
 import demo  # noqa: E402
+import fidelity_probe  # noqa: E402
+import make_tiny_ade20k  # noqa: E402
+import make_tiny_coco  # noqa: E402
 import visualize_patches  # noqa: E402
 
 
@@ -122,6 +129,30 @@ def test_benchmark_argument_errors_are_one_line(argv, message, capsys):
     assert message in argument_error(benchmark.parse_args, argv, capsys)
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--device", "meta"], "--device: 'meta': the tools run and measure on cpu or cuda only"),
+    (["--device", "mps"], "--device: 'mps': the tools run and measure on cpu or cuda only"),
+    (["--device", "gpu"], "'gpu' is not a device; use cpu, cuda or cuda:N"),
+    (["--attention-backend", "flash_attn", "--device", "cpu"], "--attention-backend flash_attn on cpu in fp32"),
+    (["--attention-backend", "torch_varlen", "--device", "cpu", "--dtype", "bf16"], "usable here: ['sdpa']"),
+    (["--window", "3"], "--window 3: eva02_b_seg has no windowed blocks (global attention only)"),
+    (["--host", "eva02_b_det", "--depth", "1", "--size", "1024", "--setting", "detection", "--window", "8"], None),
+    (["--host", "vitdet_b", "--window", "3", "--thresholds", '{"32": 2}'], "window_size 3 cells (48 px) is not a multiple"),
+    (["--host", "sam_vit_b", "--level", "full"], "--level full has models for"),
+])
+def test_benchmark_device_backend_and_window_errors(argv, message, capsys):
+    if message is None:  # a windowed host keeps its window in its first block
+        assert benchmark.parse_args(argv).window == 8
+        return
+    assert message in argument_error(benchmark.parse_args, argv, capsys)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_benchmark_and_demo_refuse_cuda_without_a_gpu(capsys):
+    for tool in (benchmark, demo):
+        assert "cuda, but this torch sees no CUDA device; use cpu" in argument_error(tool.parse_args, ["--device", "cuda"], capsys)
+
+
 def test_benchmark_checks_every_configuration_before_measuring(tmp_path, monkeypatch, capsys):
     def no_timing(*args, **kwargs):
         raise AssertionError("measured before checking every configuration")
@@ -142,13 +173,135 @@ def test_benchmark_help_says_where_results_go(capsys):
 @pytest.mark.parametrize("tool, argv, message", [
     (demo, ["--size", "1000"], "size 1000 px is not a multiple of the largest patch (128 px)"),
     (demo, ["--budget", "-1"], "--budget: must be a number >= 0"),
-    (visualize_patches, ["--tile", "0"], "--tile: must be a positive integer"),
+    (visualize_patches, ["--tile", "0"], "--tile: must be an integer from 1 to 2048 (px), got 0"),
     (visualize_patches, ["--thresholds", '{"64": 1}'], "one value for each patch size"),
     (calibrate_thresholds, ["--target", "0.01"], "--target 0.01 is below what patch sizes"),
     (calibrate_thresholds, ["--curve", "--limit", "0"], "--limit: must be a positive integer"),
 ])
 def test_tool_argument_errors_are_one_line(tool, argv, message, capsys):
     assert message in argument_error(tool.parse_args, argv, capsys)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--size", "0"], "--size: must be a positive integer, got 0"),
+    (["--size", "100"], "size 100 px is not a multiple of the largest patch (128 px)"),
+    (["--size", "1000"], "use 896 or 1024"),
+    (["--thresholds", "{bad"], "is not JSON"),
+    (["--thresholds", '{"48": 2}'], "got sizes (48,)"),
+    (["--thresholds", '{"32": "x"}'], "is not a patch size in px with a numeric threshold"),
+    (["--host", "vitdet_b", "--size", "1024"], "window_size 14 cells"),
+    (["--limit", "0"], "--limit: must be a positive integer, got 0"),
+    (["--depth", "0"], "--depth: must be a positive integer, got 0"),
+    (["--images", "/nonexistent"], "--images: /nonexistent is not a folder"),
+    (["--checkpoint", "/nonexistent.pth"], "--checkpoint: /nonexistent.pth does not exist"),
+    (["--host", "resnet50"], "invalid choice: 'resnet50'"),
+])
+def test_fidelity_probe_argument_errors(argv, message, capsys):
+    assert message in argument_error(fidelity_probe.parse_args, argv, capsys)
+
+
+@pytest.mark.parametrize("tool", [make_tiny_ade20k, make_tiny_coco])
+@pytest.mark.parametrize("size", ["0", "-5", "600", "1000", "2.5"])
+def test_make_tiny_sizes_are_checked(tool, size, tmp_path, capsys):
+    line = argument_error(tool.main, [str(tmp_path / "data"), "--size", size], capsys)
+    assert "--size" in line and ("from 32 to 300 (px, crops of the sample photos)" in line or "not an integer" in line)
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("tool, option", [(make_tiny_ade20k, "--train"), (make_tiny_ade20k, "--val"),
+                                          (make_tiny_coco, "--images")])
+@pytest.mark.parametrize("count", ["0", "-1"])
+def test_make_tiny_counts_are_checked(tool, option, count, tmp_path, capsys):
+    assert f"{option}: must be a positive integer" in argument_error(tool.main, [str(tmp_path), option, count], capsys)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--base", '{"32": -1}', "--target", "0.6"], "--base: the threshold -1 for 32 px is negative"),
+    (["--base", '{"32": 0}', "--target", "0.6"], "--base: every threshold is 0, which merges nothing at any scale"),
+    (["--base", '{"32": 0, "64": 0}', "--curve"], "every threshold is 0"),
+])
+def test_calibrate_base_thresholds_must_be_scalable(argv, message, capsys):
+    assert message in argument_error(calibrate_thresholds.parse_args, argv, capsys)
+
+
+def test_calibrate_target_one_keeps_every_token(tmp_path, capsys):
+    out = tmp_path / "cal.json"
+    assert calibrate_thresholds.main(["--size", "128", "--target", "1.0", "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["scale"] == 0 and result["kept"] == 1.0  # not the 76.6% of a tiny positive scale
+    assert "(merging off)" in capsys.readouterr().out
+
+
+def test_calibrate_unreachable_target_is_an_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(calibrate_thresholds, "kept_fraction", lambda scores, thresholds, patch_size: 0.9)
+    out = tmp_path / "cal.json"
+    assert calibrate_thresholds.main(["--size", "128", "--target", "0.5", "--output", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "no scale reaches the target 50.0%" in err and "still keep 90.0%" in err
+    assert not out.exists()
+
+
+def test_visualize_bounds_the_sheet(capsys):
+    assert "--tile: must be an integer from 1 to 2048 (px), got 100000" in argument_error(
+        visualize_patches.parse_args, ["--tile", "100000"], capsys)
+    # Five sample photos at 2048 px fit; a huge folder at that width would not.
+    assert visualize_patches.parse_args(["--tile", "2048"]).count == 5
+
+
+def test_visualize_refuses_a_sheet_too_large(tmp_path, photos, capsys):
+    for i in range(40):
+        Image.fromarray(photos[0][:32, :32]).save(tmp_path / f"{i:02d}.png")
+    line = argument_error(visualize_patches.parse_args, ["--images", str(tmp_path), "--tile", "2048"], capsys)
+    assert "40 maps of 2048 px make a sheet over 134 megapixels; use --limit 32 or a smaller --tile" in line
+
+
+@pytest.mark.parametrize("tool", [visualize_patches, calibrate_thresholds, benchmark, fidelity_probe])
+def test_empty_and_unlistable_folders_are_usage_errors(tool, tmp_path, monkeypatch, capsys):
+    (tmp_path / "notes.txt").write_text("no images here")
+    extra = ["--target", "0.8"] if tool is calibrate_thresholds else []
+    assert f"--images: {tmp_path} holds no image files (.jpg" in argument_error(
+        tool.parse_args, ["--images", str(tmp_path), *extra], capsys)
+
+    def unlistable(self):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "iterdir", unlistable)
+    assert f"--images: cannot list {tmp_path} (Permission denied); check its permissions" in argument_error(
+        tool.parse_args, ["--images", str(tmp_path), *extra], capsys)
+
+
+@pytest.mark.parametrize("tool, argv", [
+    (visualize_patches, ["--size", "128"]),
+    (calibrate_thresholds, ["--size", "128", "--target", "0.8"]),
+    (fidelity_probe, ["--size", "128", "--depth", "1"]),
+])
+def test_folder_of_unreadable_images_is_one_line(tool, argv, tmp_path, capsys):
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG broken")
+    assert tool.main(argv + ["--images", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert f"error: no readable images" in err and "Traceback" not in err
+
+
+def test_fidelity_probe_depth_and_limit_are_what_they_say(tmp_path, capsys):
+    out = tmp_path / "fid.json"
+    assert fidelity_probe.main(["--size", "128", "--depth", "1", "--limit", "1", "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["images"] == 1 and len(result["cosine"]) == 1
+    assert "probed 1/1 images" in capsys.readouterr().out
+
+
+def test_broken_and_looping_links_are_skipped_with_a_warning(tmp_path, photos, caplog):
+    Image.fromarray(photos[0][:64, :64]).save(tmp_path / "a.png")
+    (tmp_path / "dangling.png").symlink_to(tmp_path / "gone.png")
+    (tmp_path / "loop.jpg").symlink_to(tmp_path / "loop.jpg")
+    (tmp_path / "folder.png").symlink_to(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        names = [name for name, _ in iter_image_folder(tmp_path)]
+    assert names == ["a.png"]
+    assert warnings_per_file(caplog) == {"dangling.png": 1, "folder.png": 1, "loop.jpg": 1}
+    assert f"dangling.png: skipped, a broken symbolic link (its target {tmp_path / 'gone.png'} does not exist)" in caplog.text
+    assert "loop.jpg: skipped, a symbolic link loop" in caplog.text
+    assert "folder.png: skipped, a symbolic link to" in caplog.text and "which is not a file" in caplog.text
 
 
 def test_folder_without_readable_images_is_an_error_before_measuring(tmp_path, capsys):
@@ -203,3 +356,24 @@ def test_patch_map_sheet_size_and_legend(photos):
     with pytest.raises(ValueError, match="same size"):
         raw, layout, _ = small_maps(photos)
         patch_map_sheet([maps[0], patch_map(raw[0], layout, 0, (16, 32, 64, 128), size=100)], columns=2)
+
+
+def without_detectron2(tool: str, *argv: str) -> subprocess.CompletedProcess:
+    """``python tools/TOOL ARGV`` in a process where ``import detectron2`` fails."""
+    script = ("import runpy, sys; sys.modules['detectron2'] = None; "
+              f"sys.argv = {[tool, *argv]!r}; runpy.run_path({str(TOOLS / tool)!r}, run_name='__main__')")
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow  # two fresh processes
+@pytest.mark.parametrize("tool, argv", [
+    ("train_net.py", ["--config-file", "projects/apt_tiny_e2e.py"]),
+    ("eval_coco.py", ["--config-file", "projects/apt_tiny_e2e.py", "--images", "projects", "--annotations", "setup.py"]),
+])
+def test_detectron2_tools_help_without_detectron2_and_say_how_to_install_it(tool, argv):
+    help_run = without_detectron2(tool, "--help")
+    assert help_run.returncode == 0 and "--config-file" in help_run.stdout and "detectron2" in help_run.stdout
+    run = without_detectron2(tool, *[str(ROOT / a) if a.startswith(("projects", "setup")) else a for a in argv])
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    assert run.stderr.count("\n") == 1 and "needs detectron2, which is not on PyPI" in run.stderr
+    assert "pip install 'git+https://github.com/facebookresearch/detectron2.git'" in run.stderr

@@ -9,15 +9,18 @@
 
 Each configuration (a thresholds map) is one row: tokens kept (mean/min/max), img/s of both sides,
 speedup, the ideal speedup for the tokens kept (FLOP ratio), achieved/ideal, time spent in
-scoring + layout, and peak memory (CUDA). At the full level, detectors keep every detection up to
+scoring + layout, and the peak memory of each side for inference and for a training step of the
+backbone (one forward + backward, every parameter trainable, the first batch): on CUDA the most
+memory allocated, on CPU the peak resident set size of the process (reset before each side, so
+it includes the weights and everything else the process holds). At the full level, detectors keep every detection up to
 their per-image limit (score threshold 0), so that random weights give the heads the work of a
 trained detector. The dense side is the same module with adaptive patching
 off: no scoring, equal-length sequences, one batched SDPA (flash / memory-efficient kernels), the
 fastest honest dense path. Every argument and configuration is checked before anything is
-measured. Results go to ``<output-dir>/<tag>.{json,md,png}``, by default
-``benchmarks/results/<host>-<size>-<level>-<device>-<dtype>[-compiled][-stream].*`` (level
-``full-<framework>`` for detectors). Ctrl-C stops cleanly and keeps
-the rows measured so far.
+measured, the output files included. Results go to ``<output-dir>/<tag>.{json,md,png}``, by
+default ``benchmarks/results/<host>-<size>-<level>-<device>-<dtype>[-compiled][-stream].*`` (level
+``full-<framework>`` for detectors), each written whole or not at all. Ctrl-C stops cleanly and
+keeps the rows measured so far.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import datetime as dt
 import json
 import logging
 import platform
+import subprocess
 import sys
 from pathlib import Path
 
@@ -33,13 +37,15 @@ import numpy as np
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from apt_dense.attention import BACKENDS
+from apt_dense.attention import BACKENDS, resolve_backend
 from apt_dense.benchmarking import (
-    backbone_flops, build_model_pair, existing_folder, non_negative_float, non_negative_int, build_planner,
-    positive_int, same_weights_pair, thresholds_json, time_side_by_side, timed_call,
+    backbone_flops, host_planner, host_window, image_folder, model_builder, non_negative_float, non_negative_int, peak_memory_mib,
+    positive_int, process_peak_rss_mib, same_weights_pair, thresholds_json, time_side_by_side, timed_call,
+    torch_device,
 )
+from apt_dense.outputs import atomic_write, check_output_file, check_output_folder, ctrl_c_deferred, write_error
 from apt_dense.presets import APT_SETTINGS, HOSTS, IMAGENET_PIXEL_MEAN, IMAGENET_PIXEL_STD
-from apt_dense.sample_images import letterbox, load_image_folder, load_sample_photos, normalise
+from apt_dense.sample_images import image_source, letterbox, normalise
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +63,7 @@ def parse_args(argv=None):
                    help="configurations: the setting's thresholds times each scale (0 = merging off)")
     p.add_argument("--thresholds", action="append", type=thresholds_json, default=None,
                    help='explicit configuration(s), JSON like \'{"32": 2, "64": 2, "128": 0.3}\' (repeatable)')
-    p.add_argument("--images", type=existing_folder, default=None,
+    p.add_argument("--images", type=image_folder, default=None,
                    help="folder of images (default: scikit-image's sample photos)")
     p.add_argument("--limit", type=positive_int, default=None, help="at most this many images")
     p.add_argument("--batch", type=positive_int, default=None, help="images per forward (default: all)")
@@ -66,7 +72,8 @@ def parse_args(argv=None):
                         "for detection hosts; the ideal then counts the heads' FLOPs")
     p.add_argument("--framework", choices=sorted(DET_CONFIGS), default=None,
                    help="detector framework for --level full with a detection host (default: detectron2)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     p.add_argument("--compile", action="store_true",
                    help="both sides' blocks through torch.compile (APTViT.compile_blocks, inductor): the first batch "
@@ -81,6 +88,10 @@ def parse_args(argv=None):
                    help="results go to OUTPUT_DIR/TAG.json, .md and .png "
                         "(default: benchmarks/results in the repository)")
     p.add_argument("--tag", default=None, help="output file stem (default: host-size-level-device-dtype)")
+    # A fresh process measures one side's peak memory where the high-water mark cannot be reset.
+    p.add_argument("--memory-of", choices=["apt", "dense"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--memory-step", choices=["inference", "train"], default="inference", help=argparse.SUPPRESS)
+    p.add_argument("--memory-configuration", type=non_negative_int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     try:
         check(args)
@@ -90,24 +101,43 @@ def parse_args(argv=None):
 
 
 def check(args) -> None:
-    """Everything that can be checked before measuring: the device, and every configuration
-    against the host's patch size and windows and the canvas size (ValueError naming it)."""
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise ValueError(f"--device {args.device!r} is not a device; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda, but this torch sees no CUDA device; use --device cpu")
+    """Everything that can be checked before measuring: the options that go together, the
+    attention backend on this device and dtype, every configuration against the host's patch
+    size and windows and the canvas size, and the result files (ValueError naming it)."""
     if args.framework is not None and (args.level != "full" or args.host not in DET_CONFIGS["detectron2"]):
         raise ValueError(f"--framework chooses the detector for --level full with a detection host "
                          f"({', '.join(sorted(DET_CONFIGS['detectron2']))}); drop it or add --level full")
+    if args.level == "full" and args.host not in SEG_CONFIGS and args.host not in DET_CONFIGS["detectron2"]:
+        raise ValueError(f"--level full has models for {', '.join(sorted([*SEG_CONFIGS, *DET_CONFIGS['detectron2']]))}; "
+                         f"use one of those hosts, or --level backbone for {args.host}")
     host = HOSTS[args.host]
-    window = (args.window or host.get("window_size", 0)) if host.get("window_block_indexes") else 0
+    if args.attention_backend != "auto":
+        try:
+            resolve_backend(args.attention_backend, args.device, DTYPES[args.dtype], has_bias=host.get("use_rel_pos", False),
+                            head_dim=host["embed_dim"] // host["num_heads"], compiled=args.compile)
+        except RuntimeError as err:
+            raise ValueError(f"--attention-backend {args.attention_backend} on {args.device.type} in {args.dtype}: {err}") from None
+    host_window(args.host, args.window, args.depth)
     for thresholds in configurations(args):
         try:
-            build_planner(thresholds, img_size=args.size, patch_size=host["patch_size"], window_size=window)
+            host_planner(args.host, thresholds, img_size=args.size, window=args.window, depth=args.depth)
         except ValueError as err:
             raise ValueError(f"configuration {thresholds}: {err}") from None
+    if args.memory_configuration >= len(configurations(args)):
+        raise ValueError(f"--memory-configuration {args.memory_configuration}: there are {len(configurations(args))}")
+    tag = args.tag or default_tag(args, args.device)
+    if Path(tag).name != tag or tag in (".", ".."):
+        raise ValueError(f"--tag {tag!r}: a file name without folders (the results go to --output-dir), e.g. run1")
+    check_output_folder(args.output_dir, what="--output-dir")
+    for path in result_paths(args).values():
+        check_output_file(path, what="--output-dir/--tag")
+
+
+def result_paths(args) -> dict[str, Path]:
+    """``{"json": ..., "md": ..., "png": ...}``: the result files, ``<output-dir>/<tag>.<kind>``
+    (the tag may contain dots: ``run.1`` gives ``run.1.json``)."""
+    tag = args.tag or default_tag(args, args.device)
+    return {kind: args.output_dir / f"{tag}.{kind}" for kind in ("json", "md", "png")}
 
 
 def level_label(args) -> str:
@@ -132,9 +162,12 @@ def configurations(args) -> list[dict[int, float]]:
 
 
 def load_images(args) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    """Names, raw 0..255 letterboxed canvases and their normalised versions ``(N, 3, S, S)``."""
-    photos = load_image_folder(args.images, args.limit) if args.images else load_sample_photos()
-    photos = {name: photos[name] for name in list(photos)[: args.limit]}
+    """Names, raw 0..255 letterboxed canvases and their normalised versions ``(N, 3, S, S)``.
+
+    Raises:
+        ValueError: no image of the folder could be read.
+    """
+    photos = dict(image_source(args.images, args.limit)[1])
     if args.stream:
         for name, photo in list(photos.items()):
             h, w = photo.shape[:2]
@@ -148,11 +181,9 @@ def load_images(args) -> tuple[list[str], torch.Tensor, torch.Tensor]:
 SEG_CONFIGS = {"eva02_b_seg": "apt_upernet_eva02_b_512_ade20k.py", "eva02_l_seg": "apt_upernet_eva02_l_512_ade20k.py"}
 
 
-def build_segmentor_pair(args, thresholds: dict, overrides: dict):
-    """``(apt, dense)`` mmseg UperNet ``EncoderDecoder``s from the project's config, same weights
-    (BN instead of SyncBN: one process)."""
-    if args.host not in SEG_CONFIGS:
-        raise SystemExit(f"--level full supports the segmentation hosts {sorted(SEG_CONFIGS)} (UperNet)")
+def segmentor_builder(args, thresholds: dict, overrides: dict):
+    """``build(adaptive)``: an mmseg UperNet ``EncoderDecoder`` from the project's config (BN
+    instead of SyncBN: one process)."""
     try:
         from mmengine.config import Config
         from mmseg.registry import MODELS
@@ -174,7 +205,7 @@ def build_segmentor_pair(args, thresholds: dict, overrides: dict):
         cfg.model.backbone.adaptive = adaptive
         return MODELS.build(cfg.model)
 
-    return same_weights_pair(build)
+    return build
 
 
 DET_CONFIGS = {
@@ -195,9 +226,9 @@ def keep_every_detection(model: torch.nn.Module) -> None:
             module.test_score_thresh = 0.0
 
 
-def build_detector_pair(args, thresholds: dict, overrides: dict):
-    """``(apt, dense)`` detectron2 detectors from the project's LazyConfigs (Cascade Mask R-CNN for
-    EVA-02, Mask R-CNN for ViTDet), same weights, the host preset's backbone."""
+def detector_builder(args, thresholds: dict, overrides: dict):
+    """``build(adaptive)``: a detectron2 detector from the project's LazyConfigs (Cascade Mask
+    R-CNN for EVA-02, Mask R-CNN for ViTDet) with the host preset's backbone."""
     try:
         from detectron2.config import LazyConfig, instantiate
     except ImportError:
@@ -218,13 +249,13 @@ def build_detector_pair(args, thresholds: dict, overrides: dict):
         keep_every_detection(model)
         return model
 
-    return same_weights_pair(build)
+    return build
 
 
-def build_mmdet_detector_pair(args, thresholds: dict, overrides: dict):
-    """``(apt, dense)`` MMDetection detectors from the project's configs (Cascade Mask R-CNN for
-    EVA-02, Mask R-CNN for ViTDet) with the host preset's backbone and a pyramid neck sized for it,
-    same weights, score threshold 0 (see ``keep_every_detection``)."""
+def mmdet_detector_builder(args, thresholds: dict, overrides: dict):
+    """``build(adaptive)``: an MMDetection detector from the project's configs (Cascade Mask R-CNN
+    for EVA-02, Mask R-CNN for ViTDet) with the host preset's backbone and a pyramid neck sized
+    for it, score threshold 0 (see ``keep_every_detection``)."""
     try:
         from mmengine.config import Config
         from mmdet.registry import MODELS
@@ -251,7 +282,7 @@ def build_mmdet_detector_pair(args, thresholds: dict, overrides: dict):
         cfg.model.backbone.adaptive = adaptive
         return MODELS.build(cfg.model)
 
-    return same_weights_pair(build)
+    return build
 
 
 def host_overrides(overrides: dict, window_block_indexes) -> dict:
@@ -294,12 +325,56 @@ def time_layout(model, images, repeats: int, device: torch.device) -> float:
     return time_side_by_side({"layout": lambda: model.planner(images)}, device, warmup=0, repeats=repeats)["layout"]
 
 
-def peak_memory(fn, device: torch.device) -> float | None:
-    if device.type != "cuda":
+def train_step(model, images: torch.Tensor, autocast) -> None:
+    """One training step's forward + backward of a backbone with every parameter trainable (the
+    loss: the sum of its feature maps); the gradients are dropped afterwards."""
+    for param in model.parameters():
+        param.requires_grad_(True)
+    with torch.enable_grad(), autocast:
+        loss = sum(feature.float().sum() for feature in model(images).features)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+def level_models(args, thresholds: dict, overrides: dict, batches, raw_batches):
+    """The models of the level: ``(build, backbone, step, inputs)``: ``build(adaptive)`` makes one
+    side, ``backbone(model)`` is where its APTViT sits, ``step(model, batch)`` runs one batch, and
+    ``inputs`` are the batches in the form ``step`` takes."""
+    level = level_label(args)
+    if level == "full-detectron2":
+        return (detector_builder(args, thresholds, overrides), lambda m: m.backbone.net, lambda m, x: m(x),
+                detector_inputs(raw_batches))
+    if level == "full-mmdet":
+        return (mmdet_detector_builder(args, thresholds, overrides), lambda m: m.backbone, lambda m, x: m.test_step(x),
+                mmdet_inputs(raw_batches))
+    if level == "full":
+        return segmentor_builder(args, thresholds, overrides), lambda m: m.backbone, lambda m, x: m._forward(x), batches
+    return model_builder(args.host, thresholds, **overrides), lambda m: m, lambda m, x: m(x), batches
+
+
+def one_side_peak(args, build, backbone, step, inputs, batches, autocast) -> float | None:
+    """In a fresh process: the peak RSS of building one side (``--memory-of``) and running its
+    inference on every batch or its training step (``--memory-step``)."""
+    torch.manual_seed(0)
+    model = build(args.memory_of == "apt").eval().to(args.device)
+    with autocast:
+        if args.memory_step == "inference":
+            [step(model, x) for x in inputs]
+    if args.memory_step == "train":
+        train_step(backbone(model), batches[0], autocast)
+    return process_peak_rss_mib()
+
+
+def peak_in_fresh_process(argv: list[str], configuration: int, side: str, step: str) -> float | None:
+    """:func:`one_side_peak` in a new process running this tool with the same arguments."""
+    command = [sys.executable, str(Path(__file__).resolve()), *argv, "--memory-of", side, "--memory-step", step,
+               "--memory-configuration", str(configuration)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        print(f"warning: measuring the {side} side's memory in a fresh process failed: "
+              f"{(result.stderr.strip().splitlines() or ['no message'])[-1]}")
         return None
-    torch.cuda.reset_peak_memory_stats(device)
-    fn()
-    return torch.cuda.max_memory_allocated(device) / 2**20
+    return json.loads(result.stdout.strip().splitlines()[-1])["peak_mib"]
 
 
 def environment(device: torch.device) -> dict:
@@ -307,31 +382,46 @@ def environment(device: torch.device) -> dict:
         date=dt.datetime.now().isoformat(timespec="seconds"),
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU",
         threads=torch.get_num_threads(), torch=torch.__version__, python=platform.python_version(),
+        memory="CUDA max allocated" if device.type == "cuda" else "peak RSS of the process",
     )
 
 
-def write_outputs(stem: Path, env: dict, args, rows: list[dict]) -> None:
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(dict(environment=env, args=vars(args) | {"images": str(args.images),
-                                                    "output_dir": str(args.output_dir)}, rows=rows), indent=1))
+def mib_pair(row: dict, key: str) -> str:
+    """``dense/APT`` MiB of ``peak_mib_*`` or ``train_peak_mib_*``, ``n/a`` when not measured."""
+    dense, apt = row.get(f"{key}_dense"), row.get(f"{key}_apt")
+    return "n/a" if dense is None or apt is None else f"{dense:.0f}/{apt:.0f}"
+
+
+def results_table(env: dict, args, rows: list[dict]) -> str:
     lines = [
         f"{env['device']} ({env['threads']} threads), torch {env['torch']}, {args.dtype}, {level_label(args)}, "
-        f"{args.host} at {args.size}, {env['date']}",
+        f"{args.host} at {args.size}, batch {args.batch or 'all'}, {env['date']}; memory: {env['memory']}",
         "",
-        "| thresholds | tokens kept mean (min-max) | dense img/s | APT img/s | speedup | ideal | achieved/ideal | scoring+layout | peak MiB dense/APT |"
+        "| thresholds | tokens kept mean (min-max) | dense img/s | APT img/s | speedup | ideal | achieved/ideal | scoring+layout "
+        "| inference peak MiB dense/APT | train step peak MiB dense/APT |"
         + (" compile s dense/APT | recompiles dense/APT |" if args.compile else ""),
-        "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if args.compile else ""),
+        "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if args.compile else ""),
     ]
     for r in rows:
-        mem = "n/a" if r["peak_mib_apt"] is None else f"{r['peak_mib_dense']:.0f}/{r['peak_mib_apt']:.0f}"
         compiled = (f" {r['dense_compile_s']:.0f}/{r['apt_compile_s']:.0f} | {r['dense_recompiles']}/{r['apt_recompiles']} |"
                     if args.compile else "")
         lines.append(
             f"| {r['thresholds']} | {r['kept_mean']:.1%} ({r['kept_min']:.1%}-{r['kept_max']:.1%}) | {r['dense_img_s']:.3f} | "
             f"{r['apt_img_s']:.3f} | {r['speedup']:.2f}x | {r['ideal_speedup']:.2f}x | {r['achieved_over_ideal']:.2f} | "
-            f"{r['layout_fraction']:.1%} | {mem} |{compiled}"
+            f"{r['layout_fraction']:.1%} | {mib_pair(r, 'peak_mib')} | {mib_pair(r, 'train_peak_mib')} |{compiled}"
         )
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(paths: dict[str, Path], env: dict, args, rows: list[dict]) -> list[Path]:
+    """The JSON record, the table and the plot (when matplotlib is installed), each written whole
+    or not at all; returns the files written."""
+    options = {key: value for key, value in vars(args).items() if not key.startswith("memory_")}
+    with atomic_write(paths["json"], "w") as f:
+        f.write(json.dumps(dict(environment=env, args=options, rows=rows), indent=1, default=str))
+    with atomic_write(paths["md"], "w") as f:
+        f.write(results_table(env, args, rows))
+    written = [paths["json"], paths["md"]]
     try:
         import matplotlib
 
@@ -339,7 +429,7 @@ def write_outputs(stem: Path, env: dict, args, rows: list[dict]) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib not installed: no plot")
-        return
+        return written
     order = sorted(range(len(rows)), key=lambda i: -rows[i]["kept_mean"])
     kept = [100 * rows[i]["kept_mean"] for i in order]
     fig, ax = plt.subplots(figsize=(6, 4.4))
@@ -360,15 +450,39 @@ def write_outputs(stem: Path, env: dict, args, rows: list[dict]) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(stem.with_suffix(".png"), dpi=120)
-    plt.close(fig)
+    try:
+        with atomic_write(paths["png"]) as f:
+            fig.savefig(f, format="png", dpi=120)
+    finally:
+        plt.close(fig)
+    return written + [paths["png"]]
+
+
+def memory_columns(args, sides: dict, backbone, calls: dict, batches, run, autocast, argv: list[str],
+                   configuration: int) -> dict:
+    """``peak_mib_<side>`` (inference on every batch) and ``train_peak_mib_<side>`` (a training
+    step of the backbone on the first batch; not with ``--compile``, where it would compile the
+    backward pass) for both sides, each measured alone; in a fresh process per side where this
+    process's peak cannot be reset."""
+    memory = {}
+    for name in ("dense", "apt"):
+        memory[f"peak_mib_{name}"] = peak_memory_mib(lambda: run(calls[name]), args.device)
+        memory[f"train_peak_mib_{name}"] = None if args.compile else peak_memory_mib(
+            lambda: train_step(backbone(sides[name]), batches[0], autocast), args.device)
+    if memory["peak_mib_dense"] is None:
+        for name in ("dense", "apt"):
+            memory[f"peak_mib_{name}"] = peak_in_fresh_process(argv, configuration, name, "inference")
+            if not args.compile:
+                memory[f"train_peak_mib_{name}"] = peak_in_fresh_process(argv, configuration, name, "train")
+    return memory
 
 
 @torch.no_grad()
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    device = torch.device(args.device)
+    device = args.device
     try:
         names, raw_images, images = load_images(args)
     except ValueError as err:  # e.g. no readable images in the folder
@@ -377,7 +491,6 @@ def main(argv=None) -> int:
     batches = [images[i : i + batch].to(device) for i in range(0, len(names), batch)]
     raw_batches = [raw_images[i : i + batch].to(device) for i in range(0, len(names), batch)]
     env = environment(device)
-    stem = args.output_dir / (args.tag or default_tag(args, device))
     autocast = torch.autocast(device.type, dtype=DTYPES[args.dtype], enabled=args.dtype != "fp32")
     overrides = dict(img_size=args.size, pixel_mean=IMAGENET_PIXEL_MEAN, pixel_std=IMAGENET_PIXEL_STD,
                      attention_backend=args.attention_backend)
@@ -385,27 +498,18 @@ def main(argv=None) -> int:
         overrides["window_size"] = args.window
     if args.depth is not None:
         overrides["depth"] = args.depth
+    configs = configurations(args)
+    if args.memory_of is not None:
+        models = level_models(args, configs[args.memory_configuration], overrides, batches, raw_batches)
+        print(json.dumps({"peak_mib": one_side_peak(args, *models, batches, autocast)}))
+        return 0
     rows: list[dict] = []
     head: float | None = None
-    configs = configurations(args)
     print(f"{len(names)} images, {len(configs)} configurations, {env['device']}, torch {env['torch']}")
     try:
         for index, thresholds in enumerate(configs, start=1):
-            # Each level: the pair of models, where their APTViT sits, one step on one batch, the batches.
-            level = level_label(args)
-            if level == "full-detectron2":
-                models = build_detector_pair(args, thresholds, overrides)
-                backbone, step, inputs = (lambda m: m.backbone.net), (lambda m, x: m(x)), detector_inputs(raw_batches)
-            elif level == "full-mmdet":
-                models = build_mmdet_detector_pair(args, thresholds, overrides)
-                backbone, step, inputs = (lambda m: m.backbone), (lambda m, x: m.test_step(x)), mmdet_inputs(raw_batches)
-            elif level == "full":
-                models = build_segmentor_pair(args, thresholds, overrides)
-                backbone, step, inputs = (lambda m: m.backbone), (lambda m, x: m._forward(x)), batches
-            else:
-                models = build_model_pair(args.host, thresholds, **overrides)
-                backbone, step, inputs = (lambda m: m), (lambda m, x: m(x)), batches
-            sides = dict(zip(("apt", "dense"), (m.to(device) for m in models)))
+            build, backbone, step, inputs = level_models(args, thresholds, overrides, batches, raw_batches)
+            sides = dict(zip(("apt", "dense"), (m.to(device) for m in same_weights_pair(build))))
             apt, dense = backbone(sides["apt"]), backbone(sides["dense"])
             # Each side: a zero-argument call that runs every batch, and one that runs the first.
             calls = {name: (lambda m=model: [step(m, x) for x in inputs]) for name, model in sides.items()}
@@ -446,24 +550,30 @@ def main(argv=None) -> int:
                 speedup=seconds["dense"] / seconds["apt"], ideal_speedup=ideal,
                 achieved_over_ideal=seconds["dense"] / seconds["apt"] / ideal,
                 layout_fraction=layout_seconds / seconds["apt"],
-                peak_mib_dense=peak_memory(lambda: run(calls["dense"]), device),
-                peak_mib_apt=peak_memory(lambda: run(calls["apt"]), device),
                 attention=apt.attention_backends(device, DTYPES[args.dtype]), depth=len(apt.blocks), window=apt.window_size,
                 batches=len(batches),
             )
             for name, (counter, frames, first_seconds) in compiled.items():
                 row[f"{name}_compile_s"] = first_seconds - timed_call(lambda: run(first[name]), device)
                 row[f"{name}_recompiles"] = counter.frame_count - frames
+            row.update(memory_columns(args, sides, backbone, calls, batches, run, autocast, argv, index - 1))
             rows.append(row)
             print(f"[{index}/{len(configs)}] thresholds {row['thresholds']}: kept {row['kept_mean']:.1%}, "
-                  f"speedup {row['speedup']:.2f}x (ideal {ideal:.2f}x), scoring+layout {row['layout_fraction']:.1%}")
+                  f"speedup {row['speedup']:.2f}x (ideal {ideal:.2f}x), scoring+layout {row['layout_fraction']:.1%}, "
+                  f"peak MiB dense/APT {mib_pair(row, 'peak_mib')}, train step {mib_pair(row, 'train_peak_mib')}")
     except KeyboardInterrupt:
         print(f"interrupted: keeping {len(rows)} measured configuration(s)")
-    if rows:
-        write_outputs(stem, env, args, rows)
-        print(stem.with_suffix(".md").read_text())
-        print(f"wrote {stem}.json, .md" + (", .png" if stem.with_suffix(".png").exists() else ""))
-    return 0 if len(rows) == len(configs) else 130
+    if not rows:
+        return 130
+    with ctrl_c_deferred() as ctrl_c:
+        try:
+            written = write_outputs(result_paths(args), env, args, rows)
+        except OSError as err:
+            print(f"error: {write_error(err)}", file=sys.stderr)
+            return 1
+    print(results_table(env, args, rows))
+    print(f"wrote {', '.join(map(str, written))}")
+    return 0 if len(rows) == len(configs) and not ctrl_c.pressed else 130
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ thresholds-vs-tokens curve to pick a speed/accuracy point.
 Thresholds move together: ``scale * base`` for a base map (default: the paper's setting, scale 1),
 so their ratios are kept. Each image is scored once; every candidate then costs only the
 quadtree selection. Ctrl-C while scoring calibrates on the images scored so far; Ctrl-C later
-writes what was computed.
+writes what was computed. The output paths are checked before any image is read, and each file
+is written whole or not at all (Ctrl-C waits for the files being written).
 
     python tools/calibrate_thresholds.py --target 0.6                    # sample photos, 1024, detection base
     python tools/calibrate_thresholds.py --images ade/val --size 512 --setting segmentation --curve
@@ -21,19 +22,19 @@ from pathlib import Path
 
 import torch
 
-from apt_dense.benchmarking import (
-    existing_folder, build_planner, positive_int, thresholds_json, unit_fraction,
-)
+from apt_dense.benchmarking import build_planner, image_folder, positive_int, thresholds_json, unit_fraction
+from apt_dense.outputs import atomic_write, check_output_file, ctrl_c_deferred, write_error
 from apt_dense.planner import TokenPlanner
 from apt_dense.presets import APT_SETTINGS, IMAGENET_PIXEL_MEAN
-from apt_dense.sample_images import image_files, iter_image_folder, letterbox, load_sample_photos
+from apt_dense.sample_images import image_source, letterbox
 
 DEFAULT_CURVE = Path("outputs/threshold_curve.png")
+MAX_SCALE = 1e4  # thresholds beyond 10^4 x the base merge everything any scorer can score
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", type=existing_folder, default=None,
+    p.add_argument("--images", type=image_folder, default=None,
                    help="folder of images (default: scikit-image's sample photos)")
     p.add_argument("--limit", type=positive_int, default=None, help="at most this many images")
     p.add_argument("--size", type=positive_int, default=1024, help="square canvas, a multiple of the largest patch")
@@ -50,6 +51,11 @@ def parse_args(argv=None):
         p.error("give --target FRACTION, --curve, or both")
     try:
         schedule = patching(args).schedule
+        check_base(args.base)
+        if args.curve is not None:
+            check_output_file(args.curve, suffixes=plot_suffixes(), what="--curve")
+        if args.output is not None:
+            check_output_file(args.output, what="--output")
     except ValueError as err:
         p.error(str(err))
     floor = 1 / 4**schedule.num_levels  # every region merged into the largest patches
@@ -60,6 +66,29 @@ def parse_args(argv=None):
     return args
 
 
+def check_base(base: dict[int, float] | None) -> None:
+    """Base thresholds that a scale can move: none negative, at least one above 0 (a score is
+    never below 0, so a threshold of 0 or less merges nothing at any scale)."""
+    if base is None:
+        return
+    for size, threshold in base.items():
+        if threshold < 0:
+            raise ValueError(f"--base: the threshold {threshold:g} for {size} px is negative, and no score is below it "
+                             "at any scale; give thresholds >= 0 (0 keeps that size off)")
+    if not any(base.values()):
+        raise ValueError("--base: every threshold is 0, which merges nothing at any scale; give at least one "
+                         "threshold > 0, e.g. '{\"32\": 2}'")
+
+
+def plot_suffixes() -> list[str]:
+    """The file types matplotlib can write the curve to (``.png``, ``.pdf``, ``.svg``, ...)."""
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        raise ValueError("--curve plots with matplotlib, which is not installed: pip install 'apt-dense[demo]'") from None
+    return [f".{kind}" for kind in FigureCanvasBase.get_supported_filetypes()]
+
+
 def patching(args):
     """The planner with the base thresholds: it validates them and scores images."""
     base = args.base or APT_SETTINGS[args.setting]
@@ -67,13 +96,12 @@ def patching(args):
 
 
 def image_scores(args, planner: TokenPlanner) -> tuple[list[list[torch.Tensor]], bool]:
-    """Per-level scores of each image, and whether Ctrl-C stopped the scoring early."""
-    if args.images:
-        total = min(len(image_files(args.images)), args.limit or sys.maxsize)
-        photos = iter_image_folder(args.images, args.limit)
-    else:
-        photos = iter(load_sample_photos().items())
-        total = 5
+    """Per-level scores of each image, and whether Ctrl-C stopped the scoring early.
+
+    Raises:
+        ValueError: no image of the folder could be read.
+    """
+    total, photos = image_source(args.images, args.limit)
     every = max(1, total // 20)  # about 20 progress lines, each whole so warnings do not break them
     scores: list[list[torch.Tensor]] = []
     try:
@@ -95,11 +123,16 @@ def kept_fraction(scores: list[list[torch.Tensor]], thresholds: dict[int, float]
     return sum(fractions) / len(fractions)
 
 
-def calibrate(scores, base: dict[int, float], patch_size: int, target: float, steps: int = 30) -> float:
-    """The smallest scale (to 4 decimals) whose thresholds keep at most ``target`` (bisection:
-    the kept fraction falls as the scale grows). Capped at 10^4 when no scale gets that low."""
+def calibrate(scores, base: dict[int, float], patch_size: int, target: float, steps: int = 30) -> float | None:
+    """The smallest scale (to 4 decimals) whose thresholds keep at most ``target``: 0 (merging off)
+    when that keeps no more, else by bisection (the kept fraction falls as the scale grows). None
+    when no scale up to :data:`MAX_SCALE` gets that low."""
+    if kept_fraction(scores, scaled(base, 0.0), patch_size) <= target:
+        return 0.0  # any scale above 0 merges the flat regions (entropy 0) at once
     low, high = 0.0, 1.0
-    while kept_fraction(scores, scaled(base, high), patch_size) > target and high < 1e4:
+    while kept_fraction(scores, scaled(base, high), patch_size) > target:
+        if high >= MAX_SCALE:
+            return None
         high *= 2
     for _ in range(steps):
         mid = (low + high) / 2
@@ -127,8 +160,9 @@ def scaled(threshold_map: dict[int, float], scale: float) -> dict[int, float]:
 
 
 def plot_curve(path: Path, result: dict, setting: str) -> bool:
-    """The curve as a PNG: tokens kept against the scale, the base setting and the target
-    marked. False when matplotlib is missing."""
+    """The curve as a picture (PNG, PDF, SVG, ... by the suffix), written whole or not at all:
+    tokens kept against the scale, the base setting and the target marked. False when matplotlib
+    is missing."""
     try:
         import matplotlib
 
@@ -157,9 +191,11 @@ def plot_curve(path: Path, result: dict, setting: str) -> bool:
     # Below the axes: the curve can run through any corner.
     fig.legend(fontsize=8, loc="outside lower center", title_fontsize=8,
                title=f"{result['images']} images at {result['size']} px, {result['scorer']} scorer")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        with atomic_write(path) as f:
+            fig.savefig(f, format=path.suffix[1:].lower(), dpi=120)
+    finally:
+        plt.close(fig)
     return True
 
 
@@ -169,7 +205,11 @@ def main(argv=None) -> int:
     planner = patching(args)
     base_map = planner.schedule.threshold_map()
     setting = "given" if args.base else f"the paper's {args.setting} setting"
-    scores, interrupted = image_scores(args, planner)
+    try:
+        scores, interrupted = image_scores(args, planner)
+    except ValueError as err:  # no readable image in the folder
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     if not scores:
         return 130
     result: dict = {"base": {str(k): v for k, v in base_map.items()}, "images": len(scores), "size": args.size,
@@ -179,11 +219,18 @@ def main(argv=None) -> int:
     try:
         if args.target is not None:
             scale = calibrate(scores, base_map, args.patch_size, args.target)
+            if scale is None:
+                most = kept_fraction(scores, scaled(base_map, MAX_SCALE), args.patch_size)
+                print(f"error: no scale reaches the target {args.target:.1%} on these images: thresholds "
+                      f"{scaled(base_map, MAX_SCALE)} (scale {MAX_SCALE:g}) still keep {most:.1%}; aim at "
+                      f"{most:.2f} or more, or use base thresholds with larger patch sizes", file=sys.stderr)
+                return 1
             thresholds = scaled(base_map, scale)
             kept = kept_fraction(scores, thresholds, args.patch_size)
             result.update(target=args.target, scale=scale, thresholds={str(k): v for k, v in thresholds.items()},
                           kept=round(kept, 4))
-            print(f"scale {scale:g}: thresholds {thresholds} keep {kept:.1%} of tokens (target {args.target:.1%})")
+            print(f"scale {scale:g}: thresholds {thresholds} keep {kept:.1%} of tokens (target {args.target:.1%})"
+                  + (" (merging off)" if scale == 0 else ""))
         if args.curve is not None:
             result["curve"] = []
             print(f"{'scale':>7}  {'kept':>6}  thresholds")
@@ -197,13 +244,18 @@ def main(argv=None) -> int:
         interrupted = True
         result["interrupted"] = "while calibrating: results stop at the last value computed"
         print("interrupted: writing what was computed")
-    if result.get("curve") and plot_curve(args.curve, result, setting):
-        print(f"curve plotted to {args.curve}")
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(result, indent=1))
-        print(f"wrote {args.output}")
-    return 130 if interrupted else 0
+    with ctrl_c_deferred() as ctrl_c:
+        try:
+            if args.output:
+                with atomic_write(args.output, "w") as f:
+                    f.write(json.dumps(result, indent=1))
+                print(f"wrote {args.output}")
+            if result.get("curve") and plot_curve(args.curve, result, setting):
+                print(f"curve plotted to {args.curve}")
+        except OSError as err:
+            print(f"error: {write_error(err)}", file=sys.stderr)
+            return 1
+    return 130 if interrupted or ctrl_c.pressed else 0
 
 
 if __name__ == "__main__":

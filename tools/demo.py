@@ -22,11 +22,13 @@ import torch
 
 from apt_dense import APTViT, TokenPlanner
 from apt_dense.benchmarking import (
-    backbone_flops, build_model_pair, non_negative_float, build_planner, positive_int, timed_call,
+    backbone_flops, build_model_pair, host_planner, host_window, non_negative_float, positive_int, timed_call,
+    torch_device,
 )
+from apt_dense.outputs import check_output_file, ctrl_c_deferred, write_error
 from apt_dense.presets import APT_SETTINGS, HOSTS, IMAGENET_PIXEL_MEAN, IMAGENET_PIXEL_STD
 from apt_dense.sample_images import letterbox, load_sample_photos, normalise
-from apt_dense.visualize import patch_map, patch_map_sheet
+from apt_dense.visualize import patch_map, patch_map_sheet, picture_formats, save_picture
 
 DEFAULT_OUTPUT = Path("outputs/demo_patch_map.png")
 
@@ -42,27 +44,22 @@ def parse_args(argv=None):
     parser.add_argument("--budget", type=non_negative_float, default=60.0,
                         help="seconds for the whole demo (default 60): photos are timed until the next one would "
                              "overrun it, at least one; 0 times every photo")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu, cuda or cuda:N")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
-                        help=f"patch-map picture (default: {DEFAULT_OUTPUT})")
+                        help=f"patch-map picture, .png, .jpg, ... (default: {DEFAULT_OUTPUT})")
     args = parser.parse_args(argv)
     try:
         patching(args)
+        check_output_file(args.output, suffixes=picture_formats(), what="--output")
     except ValueError as err:
         parser.error(str(err))
     return args
 
 
-def host_window(args) -> int:
-    """Window side in cells of the host's windowed blocks, 0 when it has none."""
-    host = HOSTS[args.host]
-    return (args.window or host.get("window_size", 0)) if host.get("window_block_indexes") else 0
-
-
 def patching(args) -> TokenPlanner:
     """The host's planner on raw 0..255 pixels: layouts without the big model."""
-    return build_planner(APT_SETTINGS[args.setting], img_size=args.size, patch_size=HOSTS[args.host]["patch_size"],
-                         window_size=host_window(args))
+    return host_planner(args.host, APT_SETTINGS[args.setting], img_size=args.size, window=args.window, depth=args.depth)
 
 
 def build_models(args) -> tuple[APTViT, APTViT]:
@@ -92,7 +89,7 @@ def timing_order(kept: Sequence[float]) -> list[int]:
 def describe_host(args) -> str:
     host = HOSTS[args.host]
     depth = args.depth or host["depth"]
-    window = host_window(args)
+    window = host_window(args.host, args.window, args.depth)
     parts = [f"{depth} blocks" + (" (reduced by --depth)" if args.depth else ""), f"dim {host['embed_dim']}"]
     if window:
         parts.append(f"window {window} cells")
@@ -113,7 +110,7 @@ def warmup_images(images: torch.Tensor, unit: int, device: torch.device) -> torc
 def main(argv=None) -> int:
     start = time.perf_counter()
     args = parse_args(argv)
-    device = torch.device(args.device)
+    device = args.device
     photos = load_sample_photos()
     names = list(photos)
     raw = torch.stack([letterbox(photo, args.size, IMAGENET_PIXEL_MEAN)[0] for photo in photos.values()])
@@ -135,8 +132,14 @@ def main(argv=None) -> int:
              f"(the paper's {args.setting} setting)")
     sheet = patch_map_sheet(maps, columns=3, title=title,
                             notes=["the canvas below or right of a photo is letterbox padding"])
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(args.output)
+    with ctrl_c_deferred() as ctrl_c:
+        try:
+            save_picture(sheet, args.output)
+        except OSError as err:
+            print(f"error: {write_error(err)}", file=sys.stderr)
+            return 1
+    if ctrl_c.pressed:
+        return 130
     print(f"patch map written to {args.output}\n")
 
     # 2. Speed: the real host shapes, one photo at a time while the budget lasts.

@@ -3,39 +3,59 @@
 
     python tools/eval_coco.py --config-file projects/apt_vitdet_b.py --checkpoint model.pth \\
         --images coco/val2017 --annotations coco/annotations/instances_val2017.json [key=value ...]
+
+Needs detectron2 (not on PyPI; see the README); --help works without it. The inputs and the
+output folder are checked before the model is built.
 """
 import argparse
 import sys
+from pathlib import Path
 
-from detectron2.config import LazyConfig, instantiate
-from detectron2.evaluation import COCOEvaluator
+from apt_dense.benchmarking import existing_file
+from apt_dense.outputs import check_output_folder
 
-from apt_dense.checkpoints import UnsafeCheckpointError
-from apt_dense.detectron2 import APTCheckpointer, swap_to_apt
-from apt_dense.detectron2.engine import evaluate, register_coco_datasets
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_net import detectron2_or_exit  # noqa: E402  (the same install message)
 
 DATASET = "apt_eval_coco"
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config-file", required=True)
+    p.add_argument("--config-file", type=existing_file, required=True)
     p.add_argument("--checkpoint", default="", help="detector weights (empty: the config's init_checkpoint)")
     p.add_argument("--images", required=True, help="folder of images")
-    p.add_argument("--annotations", required=True, help="COCO instances JSON")
+    p.add_argument("--annotations", type=existing_file, required=True, help="COCO instances JSON")
     p.add_argument("--apt", action="store_true", help="swap the config's ViT backbone for APTViT")
     p.add_argument("--device", default=None, help="cpu or cuda (default: the config's train.device)")
     p.add_argument("--output-dir", default="./output/eval")
     p.add_argument("--unsafe-load", action="store_true",
                    help="unpickle arbitrary Python objects from the checkpoint (trusted files only)")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="key=value config overrides")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not Path(args.images).is_dir():
+        p.error(f"--images {args.images} is not a folder")
+    if args.checkpoint and not Path(args.checkpoint).is_file():
+        p.error(f"--checkpoint {args.checkpoint} does not exist")
+    try:
+        check_output_folder(args.output_dir, what="--output-dir")
+    except ValueError as err:
+        p.error(str(err))
+    return args
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    register_coco_datasets([(DATASET, args.annotations, args.images)])
-    cfg = LazyConfig.load(args.config_file)
+    detectron2_or_exit("eval_coco")
+    from detectron2.config import LazyConfig, instantiate
+    from detectron2.evaluation import COCOEvaluator
+
+    from apt_dense.checkpoints import UnsafeCheckpointError
+    from apt_dense.detectron2 import APTCheckpointer, swap_to_apt
+    from apt_dense.detectron2.engine import evaluate, register_coco_datasets
+
+    register_coco_datasets([(DATASET, str(args.annotations), args.images)])
+    cfg = LazyConfig.load(str(args.config_file))
     if args.apt:
         swap_to_apt(cfg)
     cfg = LazyConfig.apply_overrides(cfg, args.opts)

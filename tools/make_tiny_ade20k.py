@@ -5,6 +5,9 @@ ADEChallengeData2016). Real photo backgrounds (scikit-image's samples) carry cla
 squares and discs carry classes 2 and 3; some images get a flat letterbox band (class 4).
 
     python tools/make_tiny_ade20k.py OUT_DIR --train 8 --val 4 --size 160
+
+Images are crops of the sample photos, so ``--size`` is at most the smallest photo's side
+(:data:`MAX_SIZE`). Every file is written whole or not at all.
 """
 from __future__ import annotations
 
@@ -15,7 +18,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from apt_dense.benchmarking import int_between, non_negative_int, positive_int
+from apt_dense.outputs import check_output_folder, write_error
 from apt_dense.sample_images import load_sample_photos
+from apt_dense.visualize import save_picture
+
+MIN_SIZE, MAX_SIZE = 32, 300  # one 32 px patch; the smallest sample photo (chelsea) is 300 px high
 
 
 def _write_split(root: Path, split: str, count: int, size: int, rng: np.random.Generator, photos: list) -> None:
@@ -44,8 +52,8 @@ def _write_split(root: Path, split: str, count: int, size: int, rng: np.random.G
                 draw_image.ellipse(box, fill=colour)
                 draw_label.ellipse(box, fill=3)
         name = f"ADE_{split}_{i:08d}"
-        image.save(root / "images" / split / f"{name}.jpg", quality=95)
-        label.save(root / "annotations" / split / f"{name}.png")
+        save_picture(image, root / "images" / split / f"{name}.jpg", quality=95)
+        save_picture(label, root / "annotations" / split / f"{name}.png")
 
 
 def make_tiny_ade20k(out_dir: str | Path, train: int = 8, val: int = 4, size: int = 160, seed: int = 0) -> Path:
@@ -61,12 +69,21 @@ def make_tiny_ade20k(out_dir: str | Path, train: int = 8, val: int = 4, size: in
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out_dir")
-    p.add_argument("--train", type=int, default=8)
-    p.add_argument("--val", type=int, default=4)
-    p.add_argument("--size", type=int, default=160)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train", type=positive_int, default=8, help="training images")
+    p.add_argument("--val", type=positive_int, default=4, help="validation images")
+    p.add_argument("--size", type=int_between(MIN_SIZE, MAX_SIZE, " (px, crops of the sample photos)"), default=160)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     args = p.parse_args(argv)
-    print(f"wrote {make_tiny_ade20k(args.out_dir, args.train, args.val, args.size, args.seed)}")
+    try:
+        check_output_folder(args.out_dir, what="out_dir")
+    except ValueError as err:
+        p.error(str(err))
+    try:
+        root = make_tiny_ade20k(args.out_dir, args.train, args.val, args.size, args.seed)
+    except OSError as err:
+        print(f"error: {write_error(err)}", file=sys.stderr)
+        return 1
+    print(f"wrote {root}")
     return 0
 
 

@@ -4,6 +4,9 @@ masks) for smoke runs: real photo backgrounds (scikit-image's samples), squares 
 two categories, and a flat letterbox band on some images so that APT has something to merge.
 
     python tools/make_tiny_coco.py OUT_DIR --images 8 --size 256
+
+Images are crops of the sample photos, so ``--size`` is at most the smallest photo's side
+(:data:`MAX_SIZE`). Every file is written whole or not at all.
 """
 from __future__ import annotations
 
@@ -16,7 +19,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from apt_dense.benchmarking import int_between, non_negative_int, positive_int
+from apt_dense.outputs import atomic_write, check_output_folder, write_error
 from apt_dense.sample_images import load_sample_photos
+from apt_dense.visualize import save_picture
+
+MIN_SIZE, MAX_SIZE = 32, 300  # one 32 px patch; the smallest sample photo (chelsea) is 300 px high
 
 CATEGORIES = [{"id": 1, "name": "square"}, {"id": 2, "name": "disc"}]
 
@@ -59,21 +67,30 @@ def make_tiny_coco(out_dir: str | Path, num_images: int = 8, size: int = 256, se
                 bbox=[x0, y0, extent, extent], segmentation=[polygon],
             ))
         name = f"{i:04d}.jpg"
-        canvas.save(image_dir / name, quality=95)
+        save_picture(canvas, image_dir / name, quality=95)
         images.append(dict(id=i + 1, file_name=name, height=size, width=size))
     json_path = out_dir / "instances.json"
-    json_path.write_text(json.dumps(dict(images=images, annotations=annotations, categories=CATEGORIES)))
+    with atomic_write(json_path, "w") as f:
+        f.write(json.dumps(dict(images=images, annotations=annotations, categories=CATEGORIES)))
     return json_path, image_dir
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out_dir")
-    p.add_argument("--images", type=int, default=8)
-    p.add_argument("--size", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--images", type=positive_int, default=8)
+    p.add_argument("--size", type=int_between(MIN_SIZE, MAX_SIZE, " (px, crops of the sample photos)"), default=256)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     args = p.parse_args(argv)
-    json_path, image_dir = make_tiny_coco(args.out_dir, args.images, args.size, args.seed)
+    try:
+        check_output_folder(args.out_dir, what="out_dir")
+    except ValueError as err:
+        p.error(str(err))
+    try:
+        json_path, image_dir = make_tiny_coco(args.out_dir, args.images, args.size, args.seed)
+    except OSError as err:
+        print(f"error: {write_error(err)}", file=sys.stderr)
+        return 1
     print(f"wrote {json_path} and {image_dir}")
     return 0
 
