@@ -275,16 +275,18 @@ def test_depth_quality_tool_wiring(depth_folder, tmp_path, capsys):
     import sys
     from pathlib import Path
 
+    from apt_dense.transformers.quality import depth_errors
+
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
     import depth_quality
 
-    out = tmp_path / "quality.json"
-    assert depth_quality.main(["--model", str(depth_folder), "--limit", "2", "--output", str(out)]) == 0
-    result = json.loads(out.read_text())
-    assert [row["image"] for row in result["images"]] == ["astronaut", "coffee"]
+    args = ["--model", str(depth_folder), "--limit", "2", "--output-dir", str(tmp_path), "--tag", "q"]
+    assert depth_quality.main(args) == 0
+    result = json.loads((tmp_path / "q.json").read_text())
+    assert [row["name"] for row in result["images"]] == ["astronaut", "coffee"]
     for row in result["images"]:
-        assert 0 < row["tokens"] < row["dense_tokens"] and 0 <= row["abs_rel"] < 1 and 0 <= row["delta1"] <= 1
-    assert set(result["overall"]) == {"kept", "abs_rel", "delta1"} and "overall" in capsys.readouterr().out
-    same = depth_quality.depth_errors(torch.ones(4, 4), torch.ones(4, 4))
-    assert same == {"abs_rel": 0.0, "delta1": 1.0}
-    assert depth_quality.depth_errors(torch.full((2,), 2.0), torch.ones(2)) == {"abs_rel": 1.0, "delta1": 0.0}
+        assert 0 < row["tokens_kept"] < row["tokens_dense"] and 0 <= row["abs_rel"] < 1 and 0 <= row["delta1"] <= 1
+    assert result["overall"]["images"] == 2 and "| **overall** (2 images)" in (tmp_path / "q.md").read_text()
+    assert "overall:" in capsys.readouterr().out
+    assert depth_errors(torch.ones(4, 4), torch.ones(4, 4)) == (0.0, 1.0)
+    assert depth_errors(torch.full((2,), 2.0), torch.ones(2)) == (1.0, 0.0)

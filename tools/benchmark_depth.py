@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from apt_dense.benchmarking import backbone_flops, existing_folder, positive_int, thresholds_json, time_side_by_side
+from apt_dense.benchmarking import backbone_flops, image_folder, positive_int, thresholds_json, time_side_by_side
 from apt_dense.planner import TokenPlanner
 from apt_dense.presets import APT_SETTINGS, HOSTS
 from apt_dense.sample_images import load_image_folder, load_sample_photos
@@ -46,7 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--level", default="full", choices=["backbone", "full"])
     p.add_argument("--thresholds", type=thresholds_json, default=APT_SETTINGS["depth"],
                    help="APT thresholds (JSON); merging off is always measured too")
-    p.add_argument("--images", type=existing_folder, default=None, help="photos (default: scikit-image's)")
+    p.add_argument("--images", type=image_folder, default=None, help="photos (default: scikit-image's)")
     p.add_argument("--limit", type=positive_int, default=None, help="at most this many images")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=positive_int, default=3)

@@ -4,8 +4,9 @@ merges the same share of real photos' area.
 
 A threshold's meaning depends on the patch's pixel count (entropy grows with it), so the paper's
 16 px thresholds do not carry over to 14 px models (DINOv2, Depth Anything) as they are. Each
-photo is resized as DPT / Depth Anything processors do (shorter side to the canvas, sides rounded
-to multiples of the patch) and padded to the largest patch with the mean colour. Then, from the
+photo is resized as transformers' DPT / Depth Anything processor does (toward a square canvas,
+keeping the aspect ratio, sides rounded to multiples of the patch) and padded to the largest
+patch with the mean colour. Then, from the
 coarsest level down, each threshold is found by bisection so that the area in patches of that
 level or coarser matches the reference's, over the images' own cells (padding excluded).
 
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from apt_dense.benchmarking import existing_folder, positive_int, thresholds_json
+from apt_dense.benchmarking import image_folder, positive_int, thresholds_json
 from apt_dense.planner import TokenPlanner
 from apt_dense.presets import APT_SETTINGS, IMAGENET_PIXEL_MEAN
 from apt_dense.sample_images import load_image_folder, load_sample_photos
@@ -30,14 +31,14 @@ from apt_dense.sample_images import load_image_folder, load_sample_photos
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", type=existing_folder, default=None,
+    p.add_argument("--images", type=image_folder, default=None,
                    help="folder of photos (default: scikit-image's sample photos)")
     p.add_argument("--reference", type=thresholds_json, default=APT_SETTINGS["segmentation"],
                    help="thresholds to translate (default: the paper's segmentation setting)")
     p.add_argument("--reference-patch", type=positive_int, default=16)
-    p.add_argument("--reference-size", type=positive_int, default=512, help="shorter side for the reference")
+    p.add_argument("--reference-size", type=positive_int, default=512, help="canvas side for the reference")
     p.add_argument("--patch", type=positive_int, default=14, help="patch size to translate to")
-    p.add_argument("--size", type=positive_int, default=518, help="shorter side at the new patch size")
+    p.add_argument("--size", type=positive_int, default=518, help="canvas side at the new patch size")
     p.add_argument("--output", type=Path, default=None, help="write the result as JSON")
     args = p.parse_args(argv)
     for size in args.reference:
@@ -47,11 +48,12 @@ def parse_args(argv=None):
     return args
 
 
-def resize_shorter_side(image: np.ndarray, size: int, patch: int) -> torch.Tensor:
-    """``(1, 3, h, w)`` raw 0..255: the shorter side to ``size``, both sides rounded to multiples of
-    ``patch`` (DPTImageProcessor with ``keep_aspect_ratio`` and ``ensure_multiple_of``)."""
+def resize_as_dpt(image: np.ndarray, size: int, patch: int) -> torch.Tensor:
+    """``(1, 3, h, w)`` raw 0..255 as transformers' DPT / Depth Anything processor resizes to
+    ``size x size`` keeping the aspect ratio: both sides scaled by whichever side's factor is
+    closer to 1, then rounded to multiples of ``patch``."""
     x = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1).unsqueeze(0)
-    scale = size / min(x.shape[-2:])
+    scale = min((size / side for side in x.shape[-2:]), key=lambda s: abs(1 - s))
     h, w = (max(patch, round(side * scale / patch) * patch) for side in x.shape[-2:])
     return F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False, antialias=True).round().clamp(0, 255)
 
@@ -67,7 +69,7 @@ class LevelAreas:
         fill = torch.tensor(IMAGENET_PIXEL_MEAN).view(1, 3, 1, 1)
         self.scores, self.cells = [], []
         for image in photos.values():
-            x = resize_shorter_side(image, size, patch)
+            x = resize_as_dpt(image, size, patch)
             h, w = x.shape[-2:]
             canvas = fill.expand(1, 3, -(-h // unit) * unit, -(-w // unit) * unit).clone()
             canvas[..., :h, :w] = x
