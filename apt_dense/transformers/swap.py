@@ -50,8 +50,8 @@ def swap_to_apt(model: nn.Module, **apt_kwargs) -> nn.Module:
         return APTDinov2Backbone.from_dense(model, **apt_kwargs)
     backbone = getattr(model, "backbone", None)
     if isinstance(backbone, APTDinov2Backbone):
-        raise TypeError(f"{type(model).__name__}'s backbone is already an APTDinov2Backbone; set its planner's "
-                        "thresholds (model.backbone.apt.planner) or swap the dense model")
+        raise TypeError(f"{type(model).__name__}'s backbone is already an APTDinov2Backbone; for other thresholds, "
+                        "swap the dense model (or load its folder again with from_pretrained)")
     if not isinstance(backbone, DENSE_BACKBONES):
         found = type(backbone).__name__ if backbone is not None else "none"
         raise TypeError(
