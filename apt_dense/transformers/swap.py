@@ -13,6 +13,7 @@ from transformers import (
 )
 
 from ..checkpoints import is_apt_layer, read_checkpoint, unwrap_state_dict
+from ..presets import APT_SETTINGS
 from .backbone import APTDinov2Backbone
 
 __all__ = ["swap_to_apt", "from_pretrained"]
@@ -38,7 +39,8 @@ def swap_to_apt(model: nn.Module, **apt_kwargs) -> nn.Module:
             whose ``backbone`` is a ``Dinov2Backbone`` / ``Dinov2WithRegistersBackbone``, built or
             loaded (``from_pretrained(local_folder)``); or such a backbone itself.
         apt_kwargs: :class:`APTDinov2Backbone`'s (``thresholds``, ``adaptive``, ``scorer``,
-            ``pixel_mean``/``pixel_std``, ``attention_backend``, ...).
+            ``pixel_mean``/``pixel_std``, ``attention_backend``, ...); ``thresholds`` default to
+            the calibrated 14 px setting ``APT_SETTINGS["depth"]`` (None: base patches only).
     Returns:
         ``model`` with ``model.backbone`` replaced (in place), or the APT backbone when ``model``
         is a backbone. With ``adaptive=False`` it computes what the dense model computes.
@@ -46,6 +48,7 @@ def swap_to_apt(model: nn.Module, **apt_kwargs) -> nn.Module:
         TypeError: naming what is supported, for a model without a DINOv2 backbone (e.g. DPT on
             its own ViT, ``Intel/dpt-large``) or one already swapped.
     """
+    apt_kwargs.setdefault("thresholds", APT_SETTINGS["depth"])
     if isinstance(model, DENSE_BACKBONES):
         return APTDinov2Backbone.from_dense(model, **apt_kwargs)
     backbone = getattr(model, "backbone", None)
@@ -76,7 +79,8 @@ def from_pretrained(folder: str | os.PathLike, *, output_loading_info: bool = Fa
             DPT (DINOv2 backbone), DINOv2 or DINOv2-with-registers model.
         output_loading_info: also return ``{"missing_keys", "unexpected_keys"}``: the APT layers
             the folder lacks, and the keys it holds that the model does not use.
-        apt: :class:`APTDinov2Backbone`'s arguments (``thresholds``, ``adaptive``, ...).
+        apt: :class:`APTDinov2Backbone`'s arguments (``thresholds``, ``adaptive``, ...), as
+            :func:`swap_to_apt` takes them.
         hf_kwargs: passed to transformers' ``from_pretrained`` (``out_indices``, ``dtype``, ...).
     Raises:
         ValueError: naming the keys, when the folder's weights do not fit its config (shape
