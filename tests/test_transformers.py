@@ -290,3 +290,19 @@ def test_depth_quality_tool_wiring(depth_folder, tmp_path, capsys):
     assert "overall:" in capsys.readouterr().out
     assert depth_errors(torch.ones(4, 4), torch.ones(4, 4)) == (0.0, 1.0)
     assert depth_errors(torch.full((2,), 2.0), torch.ones(2)) == (1.0, 0.0)
+
+
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_dinov2_model_folder_loads_as_backbone(kind, tmp_path):
+    """facebook/dinov2-* folders hold a Dinov2Model (or Dinov2WithRegistersModel): the backbone's keys."""
+    from transformers import Dinov2Model, Dinov2WithRegistersModel
+
+    model_class = {"dinov2": Dinov2Model, "registers": Dinov2WithRegistersModel}[kind]
+    randomise(model_class(backbone_config(kind))).save_pretrained(tmp_path)
+    apt, info = from_pretrained(tmp_path, output_loading_info=True, apt=dict(adaptive=False), out_indices=[1, 3])
+    dense = CONFIGS[kind][1].from_pretrained(tmp_path, out_indices=[1, 3]).eval()
+    assert isinstance(apt, APTDinov2Backbone) and info["unexpected_keys"] == []
+    x = torch.randn(1, 3, 518, 686)
+    with torch.no_grad():
+        for a, b in zip(apt.eval()(x).feature_maps, dense(x).feature_maps):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
