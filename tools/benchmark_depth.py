@@ -6,7 +6,8 @@ Both sides are transformers' ``DepthAnythingForDepthEstimation`` with Depth Anyt
 (random weights: patch choice does not depend on them) and the same weights; the APT side has its
 backbone swapped (``apt_dense.transformers.swap_to_apt``). Inputs are photos processed as Depth
 Anything's processor does (shorter side 518, multiples of 14), one image per call, timed in
-alternation after a warm-up (median of the repeats, wall and process CPU time).
+alternation after a warm-up: the median of the repeats (wall and process CPU time), and the
+ratio of each side's fastest run (less sensitive to other processes on a shared machine). CPU only.
 
 The ideal speedup is the FLOP ratio: the blocks' FLOPs at the tokens kept (padding's included)
 plus the neck and head (the whole dense model's FLOPs minus its backbone's), as tools/benchmark.py
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from apt_dense.benchmarking import backbone_flops, image_folder, positive_int, thresholds_json, time_side_by_side
+from apt_dense.benchmarking import backbone_flops, image_folder, positive_int, thresholds_json
 from apt_dense.planner import TokenPlanner
 from apt_dense.presets import APT_SETTINGS, HOSTS
 from apt_dense.sample_images import load_image_folder, load_sample_photos
@@ -50,9 +51,15 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=positive_int, default=None, help="at most this many images")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=positive_int, default=3)
-    p.add_argument("--depth", type=positive_int, default=None, help="fewer blocks (smoke runs)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch threads (default: torch's); 1 makes process CPU time robust to other processes "
+                        "on a shared machine (no spin-waiting threads)")
+    p.add_argument("--depth", type=positive_int, default=None, help="fewer blocks, at least 4 (smoke runs)")
     p.add_argument("--output", type=Path, default=None, help="write the rows as JSON")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.depth is not None and args.depth < 4:
+        p.error("--depth must be at least 4: the DPT neck reads four blocks")
+    return args
 
 
 def depth_anything_v2(host: str, depth: int | None = None):
@@ -88,15 +95,25 @@ def flops_of(fn) -> float:
     return float(counter.get_total_flops())
 
 
-def cpu_seconds(fn, repeats: int) -> float:
-    """Median process CPU time of ``fn`` (all threads): less sensitive than wall time to other
-    processes sharing the cores."""
-    times = []
+def time_both(calls: dict, warmup: int, repeats: int) -> tuple[dict, dict]:
+    """Median wall and process CPU seconds (all threads) of each zero-argument call, run in
+    alternation after ``warmup`` untimed rounds. CPU time is less sensitive to other processes
+    on the cores, but counts the threads' spin-waits."""
+    for _ in range(warmup):
+        for fn in calls.values():
+            fn()
+    wall = {name: [] for name in calls}
+    cpu = {name: [] for name in calls}
     for _ in range(repeats):
-        start = time.process_time()
-        fn()
-        times.append(time.process_time() - start)
-    return sorted(times)[len(times) // 2]
+        for name, fn in calls.items():
+            start_wall, start_cpu = time.perf_counter(), time.process_time()
+            fn()
+            wall[name].append(time.perf_counter() - start_wall)
+            cpu[name].append(time.process_time() - start_cpu)
+    median = lambda t: sorted(t)[len(t) // 2]  # noqa: E731
+    wall_median = {n: median(t) for n, t in wall.items()}
+    wall_median.update({f"{n}_min": min(t) for n, t in wall.items()})
+    return wall_median, {n: median(t) for n, t in cpu.items()}
 
 
 @torch.no_grad()
@@ -113,9 +130,7 @@ def measure(args, dense, thresholds, inputs, head: float) -> dict:
         sides = {name: model.backbone for name, model in sides.items()}
     calls = {name: (lambda m=model: [m(pixel_values=x) if args.level == "full" else m(x) for x in inputs])
              for name, model in sides.items()}
-    device = torch.device("cpu")
-    wall = time_side_by_side(calls, device, warmup=args.warmup, repeats=args.repeats)
-    cpu = {name: cpu_seconds(call, max(1, args.repeats // 2)) for name, call in calls.items()}
+    wall, cpu = time_both(calls, args.warmup, args.repeats)
     apt = apt_model.backbone.apt
     layouts = [apt.planner(torch.nn.functional.pad(x, _padding(x, apt.size_divisibility))) for x in inputs]
     dense_layouts = [TokenPlanner(patch_size=apt.patch_size, adaptive=False)(x) for x in inputs]
@@ -125,6 +140,7 @@ def measure(args, dense, thresholds, inputs, head: float) -> dict:
         thresholds={str(k): v for k, v in thresholds.items()} if merging else "off",
         kept_mean=float(kept.mean()), kept_min=float(kept.min()), kept_max=float(kept.max()),
         dense_s=wall["dense"], apt_s=wall["apt"], speedup=wall["dense"] / wall["apt"],
+        speedup_of_fastest=wall["dense_min"] / wall["apt_min"],
         cpu_speedup=cpu["dense"] / cpu["apt"], ideal=ideal, achieved_over_ideal=wall["dense"] / wall["apt"] / ideal,
         cpu_achieved_over_ideal=cpu["dense"] / cpu["apt"] / ideal,
     )
@@ -136,6 +152,8 @@ def _padding(x: torch.Tensor, unit: int) -> tuple[int, int, int, int]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     photos = load_image_folder(args.images, args.limit) if args.images else load_sample_photos()
     photos = dict(list(photos.items())[: args.limit])
     inputs = processed(photos)
@@ -158,6 +176,7 @@ def main(argv=None) -> int:
         rows.append(row)
         print(f"thresholds {row['thresholds']}: kept {row['kept_mean']:.1%} ({row['kept_min']:.1%}-{row['kept_max']:.1%}), "
               f"dense {row['dense_s']:.2f} s, APT {row['apt_s']:.2f} s, speedup {row['speedup']:.3f}x "
+              f"(fastest runs {row['speedup_of_fastest']:.3f}x) "
               f"(CPU time {row['cpu_speedup']:.3f}x), ideal {row['ideal']:.3f}x, achieved/ideal "
               f"{row['achieved_over_ideal']:.2f} (CPU time {row['cpu_achieved_over_ideal']:.2f})", flush=True)
     env["load_after"] = Path("/proc/loadavg").read_text().split()[:3] if load else []
