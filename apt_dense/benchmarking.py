@@ -154,14 +154,17 @@ def model_builder(host: str, thresholds, **overrides) -> Callable[[bool], nn.Mod
         host: a preset name from :data:`apt_dense.presets.HOSTS`.
         thresholds: ``{patch_size: threshold}``.
         overrides: host arguments to change (``img_size``, ``window_size``, ``depth``, ...);
-            ``depth`` also trims ``window_block_indexes``.
+            ``depth`` also trims ``window_block_indexes`` and ``out_indices`` (the last block
+            when none is left).
     """
     from .model import APTViT
     from .presets import HOSTS, host_kwargs
 
-    if "depth" in overrides and "window_block_indexes" not in overrides:
-        windows = HOSTS[host].get("window_block_indexes", ())
-        overrides["window_block_indexes"] = tuple(i for i in windows if i < overrides["depth"])
+    if "depth" in overrides:
+        depth, preset = overrides["depth"], HOSTS[host]
+        overrides.setdefault("window_block_indexes", tuple(i for i in preset.get("window_block_indexes", ()) if i < depth))
+        if "out_indices" in preset:
+            overrides.setdefault("out_indices", tuple(i for i in preset["out_indices"] if i < depth) or (depth - 1,))
     kwargs = host_kwargs(host, **overrides)
     return lambda adaptive: APTViT(**kwargs, thresholds=thresholds, adaptive=adaptive)
 

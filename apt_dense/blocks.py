@@ -5,7 +5,10 @@ Two families keep the host checkpoints' key names:
 - ViTDet / MAE (detectron2 ``ViT``): ``norm1, attn.qkv, attn.proj, [attn.rel_pos_h/w], norm2,
   mlp.fc1, mlp.fc2``;
 - EVA-02: ``norm1, attn.{q,k,v}_proj, attn.q_bias, attn.v_bias, attn.proj, norm2,
-  mlp.{w1, w2, ffn_ln, w3}`` with 2D RoPE.
+  mlp.{w1, w2, ffn_ln, w3}`` with 2D RoPE;
+- DINOv2 (transformers' ``Dinov2Layer``): ``norm1, attention.{q,k,v,o}_proj, layer_scale1.lambda1,
+  norm2, mlp.{fc1, fc2}`` (or SwiGLU ``mlp.{gate,up,down}_proj``), ``layer_scale2.lambda1``;
+  global attention only.
 
 A window block attends within each window's sequence, a global block within each image's.
 """
@@ -30,6 +33,10 @@ __all__ = [
     "ViTDetAttention",
     "EVA02Attention",
     "Block",
+    "LayerScale",
+    "DINOv2Attention",
+    "DINOv2SwiGLU",
+    "DINOv2Block",
 ]
 
 
@@ -222,3 +229,79 @@ class Block(nn.Module):
         h = self.attn(actx.seqs.to_slots(self.norm1(x)), actx)
         x = x + self.drop_path(actx.seqs.from_slots(h), ctx)
         return x + self.drop_path(self.mlp(self.norm2(x)), ctx)
+
+
+class LayerScale(nn.Module):
+    """Per-channel scale of a residual branch (DINOv2's ``lambda1``)."""
+
+    def __init__(self, dim: int, init_value: float = 1.0):
+        super().__init__()
+        self.lambda1 = nn.Parameter(torch.full((dim,), float(init_value)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.lambda1
+
+
+class DINOv2Attention(nn.Module):
+    """DINOv2 attention: separate q/k/v projections with biases, then ``o_proj``."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q_proj = nn.Linear(dim, dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(dim, dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(dim, dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        t, c = x.shape
+        q, k, v = (proj(x).view(t, self.num_heads, -1) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        out = packed_attention(q, k, v, ctx.seqs, ctx.backend)
+        return self.o_proj(out.reshape(t, c))
+
+
+class DINOv2SwiGLU(nn.Module):
+    """DINOv2-giant's gated MLP ``down_proj(silu(gate_proj x) * up_proj x)``, without a sub-LN.
+
+    ``hidden`` is the plain MLP's width; like DINOv2, two thirds of it, rounded up to a multiple
+    of 8, is used.
+    """
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
+        self.gate_proj = nn.Linear(dim, hidden)
+        self.up_proj = nn.Linear(dim, hidden)
+        self.down_proj = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DINOv2Block(nn.Module):
+    """Pre-norm DINOv2 block with LayerScale after attention and MLP; global attention only."""
+
+    use_window = False
+
+    def __init__(
+        self,
+        dim: int,
+        attention: nn.Module,
+        mlp: nn.Module,
+        norm_layer: type[nn.Module] = nn.LayerNorm,
+        layerscale_value: float = 1.0,
+        drop_path: float = 0.0,
+    ):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attention = attention
+        self.layer_scale1 = LayerScale(dim, layerscale_value)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = norm_layer(dim)
+        self.mlp = mlp
+        self.layer_scale2 = LayerScale(dim, layerscale_value)
+
+    def forward(self, x: torch.Tensor, ctx: PackedContext) -> torch.Tensor:
+        """``(R, C) -> (R, C)``."""
+        x = x + self.drop_path(self.layer_scale1(self.attention(self.norm1(x), ctx.image)), ctx)
+        return x + self.drop_path(self.layer_scale2(self.mlp(self.norm2(x))), ctx)

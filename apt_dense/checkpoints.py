@@ -130,7 +130,8 @@ def unwrap_state_dict(checkpoint: Mapping) -> dict:
         state = {k[len("module."):]: v for k, v in state.items()}
     return dict(state)
 
-_APT_LAYER = re.compile(r"(^|\.)patch_embed\.(downsample|detail)\.")
+# patch_embed: the core's and detectron2/mmseg/mmdet names; patch_embeddings: transformers' DINOv2.
+_APT_LAYER = re.compile(r"(^|\.)patch_embed(dings)?\.(downsample|detail)\.")
 _ROPE_BUFFER = re.compile(r"(^|\.)(rope|rope_win|rope_glb)\.freqs_(cos|sin)$")
 
 

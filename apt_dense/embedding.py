@@ -10,7 +10,10 @@ averaging for the resize, ``Down`` a learned 2x2 stride-2 conv applied ``k`` tim
 resize-only embedding, so a pretrained ViT starts out unharmed.
 
 Absolute position embeddings follow the same rule: a large patch takes the area mean of the
-embeddings of the cells it covers (:func:`position_embeddings`).
+embeddings of the cells it covers (:func:`position_embeddings`). The pretrained grid is first
+resized to the cells as the host does it: detectron2's ``get_abs_pos`` (to the padded grid), or
+transformers' DINOv2 (:func:`dinov2_pos_grid`, to the image's own cells; padding cells repeat the
+edge).
 """
 from __future__ import annotations
 
@@ -22,7 +25,10 @@ import torch.nn.functional as F
 
 from .layout import PatchLayout
 
-__all__ = ["AdaptivePatchEmbed", "position_embeddings", "abs_pos_grid", "gather_level_maps"]
+__all__ = [
+    "AdaptivePatchEmbed", "position_embeddings", "grid_position_embeddings", "abs_pos_grid", "dinov2_pos_grid",
+    "gather_level_maps",
+]
 
 
 def gather_level_maps(maps: list[torch.Tensor], layout: PatchLayout, shared: bool = False) -> torch.Tensor:
@@ -85,11 +91,35 @@ def area_pooled_levels(grid: torch.Tensor, num_levels: int) -> list[torch.Tensor
     return maps
 
 
+def dinov2_pos_grid(pos_embed: torch.Tensor, grid: tuple[int, int], antialias: bool = False) -> torch.Tensor:
+    """``(1, 1 + S*S, C) -> (1, Hc, Wc, C)`` as transformers' ``Dinov2Embeddings`` resizes its
+    position embedding: the cls entry dropped, bicubic in float32 (``antialias``: as
+    ``Dinov2WithRegistersEmbeddings``), unchanged when the grid is the pretrained ``S x S``."""
+    cells = pos_embed[:, 1:]
+    side = math.isqrt(cells.shape[1])
+    if side * side != cells.shape[1]:
+        raise ValueError(f"position embedding with {cells.shape[1]} cell entries is not a square grid")
+    if (side, side) == tuple(grid):
+        return cells.reshape(1, side, side, -1)
+    square = cells.reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
+    resized = F.interpolate(square, size=grid, mode="bicubic", align_corners=False, antialias=antialias)
+    return resized.to(pos_embed.dtype).permute(0, 2, 3, 1)
+
+
+def grid_position_embeddings(grid: torch.Tensor, layout: PatchLayout) -> torch.Tensor:
+    """``(N, C)`` position embedding of every token from a ``(1, h, w, C)`` grid of the image's
+    cells: cells beyond it (the bottom/right padding up to the layout's grid) repeat its edge, then
+    each token takes the area mean over its patch."""
+    pad_h, pad_w = layout.grid_size[0] - grid.shape[1], layout.grid_size[1] - grid.shape[2]
+    if pad_h or pad_w:
+        grid = F.pad(grid.permute(0, 3, 1, 2), (0, pad_w, 0, pad_h), mode="replicate").permute(0, 2, 3, 1)
+    return gather_level_maps(area_pooled_levels(grid, 0 if layout.is_dense else layout.num_levels), layout, shared=True)
+
+
 def position_embeddings(pos_embed: torch.Tensor, layout: PatchLayout, has_cls_entry: bool) -> torch.Tensor:
     """``(N, C)`` absolute position embedding of every token: the pretrained ``(1, [1 +] S*S, C)``
     grid resized to the cell grid, then area-averaged over each token's patch."""
-    grid = abs_pos_grid(pos_embed, has_cls_entry, layout.grid_size)
-    return gather_level_maps(area_pooled_levels(grid, 0 if layout.is_dense else layout.num_levels), layout, shared=True)
+    return grid_position_embeddings(abs_pos_grid(pos_embed, has_cls_entry, layout.grid_size), layout)
 
 
 class AdaptivePatchEmbed(nn.Module):

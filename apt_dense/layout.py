@@ -171,57 +171,74 @@ class PatchLayout:
 
 @dataclass(eq=False)
 class ImagePrefix:
-    """One prefix slot (a cls token) before each image's tokens: the residual stream's rows are
-    ``[prefix_0, tokens of image 0, prefix_1, tokens of image 1, ...]`` (``N + B`` slots).
+    """``P`` prefix slots (a cls token, then register tokens) before each image's tokens: the
+    residual stream's rows are ``[prefixes of image 0, tokens of image 0, prefixes of image 1, ...]``
+    (``N + B P`` slots).
 
     Attributes:
         images: the image sequences over those slots; prefix slots sit at position (0, 0) and are
             marked in ``images.prefix``.
         token_slot: ``(N,)`` int64 slot of every token.
-        slot_image: ``(N + B,)`` int64 image of every slot.
-        source_row: ``(N + B,)`` int64 row of every slot in ``cat([tokens, prefixes])``.
+        prefix_slot: ``(B, P)`` int64 slots of every image's prefixes, in prefix order.
+        slot_image: ``(N + B P,)`` int64 image of every slot.
+        source_row: ``(N + B P,)`` int64 row of every slot in ``cat([tokens, prefixes])``, the
+            prefixes image-major.
     """
 
     images: PackedSequences
     token_slot: torch.Tensor
+    prefix_slot: torch.Tensor
     slot_image: torch.Tensor
     source_row: torch.Tensor
 
+    @property
+    def num_prefix(self) -> int:
+        return int(self.prefix_slot.shape[1])
+
     @classmethod
-    def build(cls, layout: PatchLayout) -> "ImagePrefix":
+    def build(cls, layout: PatchLayout, num_prefix: int = 1) -> "ImagePrefix":
+        if num_prefix < 1:
+            raise ValueError(f"num_prefix must be at least 1, got {num_prefix}")
         seqs = layout.images
-        b, n = layout.batch_size, layout.num_tokens
+        b, n, p = layout.batch_size, layout.num_tokens, num_prefix
         device = seqs.positions.device
-        token_slot = torch.arange(n, device=device) + layout.token_image + 1
-        prefix_slot = seqs.cu_seqlens[:-1].long() + torch.arange(b, device=device)
-        positions = seqs.positions.new_zeros(n + b, 2)
+        token_slot = torch.arange(n, device=device) + (layout.token_image + 1) * p
+        prefix_slot = (seqs.cu_seqlens[:-1].long() + torch.arange(b, device=device) * p).view(b, 1) + torch.arange(
+            p, device=device
+        )
+        positions = seqs.positions.new_zeros(n + b * p, 2)
         positions[token_slot] = seqs.positions
-        prefix = torch.zeros(n + b, dtype=torch.bool, device=device)
-        prefix[prefix_slot] = True
+        prefix = torch.zeros(n + b * p, dtype=torch.bool, device=device)
+        prefix[prefix_slot.flatten()] = True
         images = PackedSequences(
-            cu_seqlens=seqs.cu_seqlens + torch.arange(b + 1, dtype=torch.int32, device=device),
-            lengths=None if seqs.lengths is None else seqs.lengths + 1,
-            max_len=None if seqs.max_len is None else seqs.max_len + 1,
+            cu_seqlens=seqs.cu_seqlens + p * torch.arange(b + 1, dtype=torch.int32, device=device),
+            lengths=None if seqs.lengths is None else seqs.lengths + p,
+            max_len=None if seqs.max_len is None else seqs.max_len + p,
             positions=positions,
             frame_size=seqs.frame_size,
             prefix=prefix,
-            max_slots=None if seqs.max_slots is None else seqs.max_slots + 1,
+            max_slots=None if seqs.max_slots is None else seqs.max_slots + p,
             ragged=seqs.ragged,
         )
-        source_row = torch.empty(n + b, dtype=torch.int64, device=device)
+        source_row = torch.empty(n + b * p, dtype=torch.int64, device=device)
         source_row[token_slot] = torch.arange(n, device=device)
-        source_row[prefix_slot] = torch.arange(n, n + b, device=device)
-        slot_image = torch.cat([layout.token_image, torch.arange(b, device=device)])[source_row]
-        return cls(images, token_slot, slot_image, source_row)
+        source_row[prefix_slot.flatten()] = torch.arange(n, n + b * p, device=device)
+        prefix_image = torch.arange(b, device=device).repeat_interleave(p)
+        slot_image = torch.cat([layout.token_image, prefix_image])[source_row]
+        return cls(images, token_slot, prefix_slot, slot_image, source_row)
 
     def insert(self, tokens: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
-        """``(N, C)`` tokens and a ``(1, C)`` prefix vector -> ``(N + B, C)`` slots."""
+        """``(N, C)`` tokens and ``(P, C)`` prefix vectors (shared by all images) -> ``(N + B P, C)`` slots."""
         b = self.images.num_sequences
-        return torch.cat([tokens, prefix.expand(b, -1)])[self.source_row]
+        return torch.cat([tokens, prefix.repeat(b, 1)])[self.source_row]
 
     def tokens(self, slots: torch.Tensor) -> torch.Tensor:
-        """``(N + B, C)`` slots -> ``(N, C)`` tokens (prefixes dropped)."""
+        """``(N + B P, C)`` slots -> ``(N, C)`` tokens (prefixes dropped)."""
         return slots[self.token_slot]
+
+    def prefixes(self, slots: torch.Tensor) -> torch.Tensor:
+        """``(N + B P, C)`` slots -> ``(B, P, C)`` prefix slots of every image."""
+        return slots[self.prefix_slot]
 
 
 def patch_centers(top_left: torch.Tensor, level: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,8 @@
 
 0. pad the images to :attr:`~APTViT.size_divisibility` (bottom/right);
 1-2. plan: scores -> levels -> packed layout, with the one host sync (``planner.py``);
-3. embed: adaptive patch embedding, position embeddings, optional cls slots (``embedding.py``);
+3. embed: adaptive patch embedding, position embeddings, optional prefix slots: a cls token,
+   then register tokens (``embedding.py``, ``layout.py``);
 4. blocks on packed tokens; sequences, RoPE tables and the attention backend are prepared once
    per pass (``blocks.py``, ``attention.py``, ``positions.py``);
 5. dense maps: tokens repeated over their cells, cropped back to the input (``dense_map.py``).
@@ -26,16 +27,22 @@ import torch.utils.checkpoint
 
 from .arguments import block_indices, integer, real
 from .attention import bucket_plan, check_backend_name, resolve_backend
-from .blocks import AttentionContext, Block, EVA02Attention, Mlp, PackedContext, SwiGLU, ViTDetAttention
+from .blocks import (
+    AttentionContext, Block, DINOv2Attention, DINOv2Block, DINOv2SwiGLU, EVA02Attention, Mlp, PackedContext, SwiGLU,
+    ViTDetAttention,
+)
 from .dense_map import tokens_to_dense
-from .embedding import AdaptivePatchEmbed, position_embeddings
+from .embedding import AdaptivePatchEmbed, dinov2_pos_grid, grid_position_embeddings, position_embeddings
 from .layout import ImagePrefix, PackedSequences, PatchLayout
 from .planner import TokenPlanner
 from .positions import rope_tables
 
-__all__ = ["APTViT", "APTOutput", "TokenStats", "BLOCK_TYPES", "host_window_arguments"]
+__all__ = ["APTViT", "APTOutput", "TokenStats", "BLOCK_TYPES", "POS_EMBED_RESIZES", "host_window_arguments"]
 
-BLOCK_TYPES = ("vitdet", "eva02")
+BLOCK_TYPES = ("vitdet", "eva02", "dinov2")
+# How the pretrained position grid is resized to the cells: detectron2's get_abs_pos (to the padded
+# grid), transformers' Dinov2Embeddings / Dinov2WithRegistersEmbeddings (to the image's own cells).
+POS_EMBED_RESIZES = ("detectron2", "dinov2", "dinov2_registers")
 
 
 @dataclass
@@ -46,11 +53,14 @@ class APTOutput:
         features: one ``(B, C, ceil(H/p), ceil(W/p))`` map per entry of ``out_indices``, in that order.
         tokens_per_image: ``(B,)`` int64 tokens each image kept (device tensor).
         layout: the packed layout of the padded images (token positions, sizes, sequences).
+        prefix_tokens: with a cls token, one ``(B, P, C)`` tensor per entry of ``out_indices``: the
+            cls token, then the register tokens, after that block; None without.
     """
 
     features: list[torch.Tensor]
     tokens_per_image: torch.Tensor
     layout: PatchLayout
+    prefix_tokens: list[torch.Tensor] | None = None
 
 
 @dataclass
@@ -82,10 +92,21 @@ class APTViT(nn.Module):
         img_size: the size the host was configured for; sets the RoPE grid of global blocks
             (``img_size // patch_size`` cells) and the relative-position table size.
         use_cls_token: a learned cls token leads every image's sequence (EVA-02 segmentation /
-            BEiT style; global attention only, no RoPE on it); it takes the position embedding's
-            cls entry and is not part of the dense outputs.
-        block_type: ``"vitdet"`` (fused qkv, GELU MLP, optional relative positions) or
-            ``"eva02"`` (q/k/v projections with q/v biases, 2D RoPE, SwiGLU with sub-LN).
+            BEiT / DINOv2 style; global attention only, no RoPE on it); it takes the position
+            embedding's cls entry and is not part of the dense maps (``APTOutput.prefix_tokens``).
+        num_register_tokens: learned register tokens after the cls token (DINOv2 with registers),
+            without position embedding; they need ``use_cls_token``.
+        block_type: ``"vitdet"`` (fused qkv, GELU MLP, optional relative positions),
+            ``"eva02"`` (q/k/v projections with q/v biases, 2D RoPE, SwiGLU with sub-LN) or
+            ``"dinov2"`` (q/k/v projections with biases, LayerScale, GELU MLP or SwiGLU; global
+            attention only).
+        layerscale_value: initial LayerScale of ``"dinov2"`` blocks.
+        use_swiglu_ffn: ``"dinov2"`` blocks with DINOv2-giant's SwiGLU MLP.
+        pos_embed_resize: how the pretrained position grid is resized to the cells:
+            ``"detectron2"`` (bicubic to the padded cell grid, as ``get_abs_pos``), ``"dinov2"``
+            or ``"dinov2_registers"`` (as transformers' ``Dinov2Embeddings`` /
+            ``Dinov2WithRegistersEmbeddings``: bicubic in float32 to the image's own cells, the
+            latter antialiased; padding cells repeat the edge).
         window_size: window side in cells for ``window_block_indexes``; 0 (global attention
             everywhere) without them.
         out_indices: blocks whose outputs are returned as dense maps, a list of indices or one
@@ -133,7 +154,11 @@ class APTViT(nn.Module):
         pretrain_img_size: int = 224,
         pretrain_use_cls_token: bool = True,
         use_cls_token: bool = False,
+        num_register_tokens: int = 0,
         block_type: str = "vitdet",
+        layerscale_value: float = 1.0,
+        use_swiglu_ffn: bool = False,
+        pos_embed_resize: str = "detectron2",
         rope_pretrain_len: int = 16,
         rope_theta: float = 10000.0,
         out_indices: Sequence[int] | None = None,
@@ -169,6 +194,15 @@ class APTViT(nn.Module):
         )
         rope_theta = real("rope_theta", rope_theta, above=0, hint="RoPE's frequency base (EVA-02: 10000)")
         rope_pretrain_len = real("rope_pretrain_len", rope_pretrain_len, above=0, hint="EVA-02's pt_hw_seq_len (16)")
+        _check_dinov2_arguments(block_type, use_rel_pos, window_block_indexes, use_swiglu_ffn)
+        if pos_embed_resize not in POS_EMBED_RESIZES:
+            raise ValueError(f"pos_embed_resize must be one of {POS_EMBED_RESIZES}, got {pos_embed_resize!r}")
+        if pos_embed_resize != "detectron2" and use_abs_pos and not pretrain_use_cls_token:
+            raise ValueError(f"pos_embed_resize={pos_embed_resize!r} expects DINOv2's position embedding with a cls "
+                             "entry (pretrain_use_cls_token=True)")
+        if num_register_tokens < 0 or (num_register_tokens and not use_cls_token):
+            raise ValueError(f"num_register_tokens={num_register_tokens}: register tokens follow a cls token; "
+                             "set use_cls_token=True (or num_register_tokens=0)")
         check_backend_name(attention_backend)
         window_size = integer("window_size", window_size, 0, "use 0 for global attention in every block")
         window_block_indexes = block_indices("window_block_indexes", window_block_indexes, depth)
@@ -201,6 +235,7 @@ class APTViT(nn.Module):
         self.rope_theta = rope_theta
         self.out_indices = out_indices
         self.pretrain_use_cls_token = pretrain_use_cls_token
+        self.pos_embed_resize = pos_embed_resize
         self.attention_backend = attention_backend
         self.use_act_checkpoint = use_act_checkpoint
         self._compiled_block = None  # set by compile_blocks
@@ -217,11 +252,20 @@ class APTViT(nn.Module):
         else:
             self.pos_embed = None
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if use_cls_token else None
+        self.register_tokens = (
+            nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim)) if num_register_tokens else None
+        )
 
         drop_rates = [float(x) for x in torch.linspace(0, drop_path_rate, depth)]
         self.blocks = nn.ModuleList()
         for i in range(depth):
             in_window = i in window_block_indexes
+            if block_type == "dinov2":
+                hidden = int(embed_dim * mlp_ratio)
+                mlp = DINOv2SwiGLU(embed_dim, hidden) if use_swiglu_ffn else Mlp(embed_dim, hidden, act_layer)
+                attn = DINOv2Attention(embed_dim, num_heads, qkv_bias)
+                self.blocks.append(DINOv2Block(embed_dim, attn, mlp, norm_layer, layerscale_value, drop_rates[i]))
+                continue
             if block_type == "vitdet":
                 frame = (window_size, window_size) if in_window else (self.rope_grid, self.rope_grid)
                 attn = ViTDetAttention(embed_dim, num_heads, qkv_bias, use_rel_pos, rel_pos_zero_init, frame)
@@ -233,8 +277,9 @@ class APTViT(nn.Module):
 
         if self.pos_embed is not None:
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        if self.cls_token is not None:
-            nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for prefix in (self.cls_token, self.register_tokens):
+            if prefix is not None:
+                nn.init.trunc_normal_(prefix, std=0.02)
         self.apply(self._init_weights)
         self.patch_embed.reset_apt_parameters()
 
@@ -247,6 +292,13 @@ class APTViT(nn.Module):
         elif isinstance(m, nn.LayerNorm):
             nn.init.constant_(m.bias, 0)
             nn.init.constant_(m.weight, 1.0)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Slots leading every image's sequence: the cls token, then the register tokens."""
+        if self.cls_token is None:
+            return 0
+        return 1 + (0 if self.register_tokens is None else self.register_tokens.shape[1])
 
     @property
     def size_divisibility(self) -> int:
@@ -309,18 +361,19 @@ class APTViT(nn.Module):
         rows, cols = (-(-side // self.patch_size) for side in images.shape[-2:])
         images = _pad_bottom_right(images, self.size_divisibility)
         compiled = self._compiled_block is not None or torch.compiler.is_compiling()
-        layout, x, ctx = self._plan_and_embed(images, compiled)           # 1-3 (eager)
-        features = self.run_blocks(x, ctx, layout, (rows, cols))          # 4-5
-        return APTOutput(features, layout.tokens_per_image, layout)
+        layout, x, ctx = self._plan_and_embed(images, compiled, (rows, cols))  # 1-3 (eager)
+        features, prefix_tokens = self.run_blocks(x, ctx, layout, (rows, cols))  # 4-5
+        return APTOutput(features, layout.tokens_per_image, layout, prefix_tokens)
 
     def run_blocks(
         self, x: torch.Tensor, ctx: PackedContext, layout: PatchLayout, crop: tuple[int, int]
-    ) -> list[torch.Tensor]:
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
         """Stages 4-5: the blocks on the ``(R, C)`` stream, and one ``(B, C, rows, cols)`` dense
-        map per entry of ``out_indices`` (``crop``: ``(rows, cols)`` of the unpadded input).
+        map per entry of ``out_indices`` (``crop``: ``(rows, cols)`` of the unpadded input), with
+        each image's ``(B, P, C)`` prefix tokens after those blocks when there are any (else None).
         Eager and exported programs (:mod:`apt_dense.export`) share it."""
         run = self._compiled_block or _run_block
-        maps = {}
+        maps, prefixes = {}, {}
         for i, block in enumerate(self.blocks):
             if self._compiled_block is not None:
                 torch._dynamo.maybe_mark_dynamic(x, 0)  # rows differ from batch to batch
@@ -330,7 +383,9 @@ class APTViT(nn.Module):
                 x = run(block, x, ctx)
             if i in self.out_indices:
                 maps[i] = tokens_to_dense(ctx.tokens(x), layout)[..., : crop[0], : crop[1]]
-        return [maps[i] for i in self.out_indices]
+                if ctx.prefix is not None:
+                    prefixes[i] = ctx.prefix.prefixes(x)
+        return [maps[i] for i in self.out_indices], [prefixes[i] for i in self.out_indices] if prefixes else None
 
     def head_outputs(self, features: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """The model's named outputs from :meth:`run_blocks`' maps: here one map per
@@ -339,29 +394,52 @@ class APTViT(nn.Module):
         return {f"features_{i}": f for i, f in zip(self.out_indices, features)}
 
     @torch.compiler.disable
-    def _plan_and_embed(self, images: torch.Tensor, compiled: bool) -> tuple[PatchLayout, torch.Tensor, PackedContext]:
+    def _plan_and_embed(
+        self, images: torch.Tensor, compiled: bool, grid: tuple[int, int] | None = None
+    ) -> tuple[PatchLayout, torch.Tensor, PackedContext]:
         """Stages 1-3 and the blocks' per-pass state. Eager even inside ``torch.compile(model)``:
         the plan depends on pixel values, its host sync sizes the token tensors, and the
-        branches on it (dense or not, cls slots) would otherwise each be a guard."""
+        branches on it (dense or not, cls slots) would otherwise each be a guard. ``grid``: the
+        images' own cells before padding (see :meth:`embed`)."""
         layout = self.planner(images)                                     # 1-2. scores -> levels -> layout
-        prefix = ImagePrefix.build(layout) if self.cls_token is not None else None
-        x = self.embed(images, layout, prefix)                            # 3. (N, C) tokens [+ B cls slots]
+        prefix = ImagePrefix.build(layout, self.num_prefix_tokens) if self.cls_token is not None else None
+        x = self.embed(images, layout, prefix, grid)                      # 3. (N, C) tokens [+ B P prefix slots]
         if compiled:
             torch._dynamo.maybe_mark_dynamic(x, 0)
         return layout, x, self.block_context(layout, prefix, x, compiled)
 
-    def embed(self, images: torch.Tensor, layout: PatchLayout, prefix: ImagePrefix | None = None) -> torch.Tensor:
-        """Stage 3: ``(N, C)`` tokens with position embeddings; with a ``prefix``, ``(N + B, C)``
-        slots with a cls token leading each image."""
+    def embed(
+        self,
+        images: torch.Tensor,
+        layout: PatchLayout,
+        prefix: ImagePrefix | None = None,
+        grid: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        """Stage 3: ``(N, C)`` tokens with position embeddings; with a ``prefix``, ``(N + B P, C)``
+        slots with the cls token (with its position embedding), then the register tokens, leading
+        each image.
+
+        Args:
+            grid: the images' own cells before padding, to which DINOv2's position grid is
+                resized (default: the layout's grid).
+        """
         x = self.patch_embed(images, layout)
         if self.pos_embed is not None:
-            x = x + position_embeddings(self.pos_embed, layout, self.pretrain_use_cls_token)
+            x = x + self._token_positions(layout, grid or layout.grid_size)
         if prefix is None:
             return x
-        cls = self.cls_token[0]
+        vectors = self.cls_token[0]
         if self.pos_embed is not None:
-            cls = cls + self.pos_embed[0, :1]
-        return prefix.insert(x, cls)
+            vectors = vectors + self.pos_embed[0, :1]
+        if self.register_tokens is not None:
+            vectors = torch.cat([vectors, self.register_tokens[0]])
+        return prefix.insert(x, vectors)
+
+    def _token_positions(self, layout: PatchLayout, grid: tuple[int, int]) -> torch.Tensor:
+        if self.pos_embed_resize == "detectron2":
+            return position_embeddings(self.pos_embed, layout, self.pretrain_use_cls_token)
+        antialias = self.pos_embed_resize == "dinov2_registers"
+        return grid_position_embeddings(dinov2_pos_grid(self.pos_embed, grid, antialias), layout)
 
     def block_context(
         self, layout: PatchLayout, prefix: ImagePrefix | None, x: torch.Tensor, compiled: bool = False
@@ -407,6 +485,19 @@ def host_window_arguments(window_size: int, window_block_indexes: Sequence[int])
     if window_size and window_block_indexes:
         return window_size, window_block_indexes
     return 0, ()
+
+
+def _check_dinov2_arguments(
+    block_type: str, use_rel_pos: bool, window_block_indexes: tuple[int, ...], use_swiglu_ffn: bool
+) -> None:
+    if use_swiglu_ffn and block_type != "dinov2":
+        raise ValueError(f"use_swiglu_ffn selects DINOv2-giant's MLP; it needs block_type='dinov2', not {block_type!r}")
+    if block_type != "dinov2":
+        return
+    if use_rel_pos:
+        raise ValueError("DINOv2 blocks have no relative positions; use_rel_pos applies to block_type='vitdet'")
+    if window_block_indexes:
+        raise ValueError("DINOv2 blocks attend globally; drop window_block_indexes")
 
 
 def _prepare_compiled(ctx: PackedContext, device: torch.device) -> None:

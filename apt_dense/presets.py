@@ -48,6 +48,17 @@ def _eva02_seg(dim: int, depth: int, heads: int) -> dict:
     )
 
 
+def _dinov2(dim: int, depth: int, heads: int, out_indices: tuple[int, ...] | None = None) -> dict:
+    """DINOv2 at 518 px (37 x 37 cells of 14 px): global attention, LayerScale, a cls token, the
+    position grid resized as transformers' ``Dinov2Embeddings``. ``out_indices``: the last four
+    blocks (DPT / Depth Anything V1) unless given."""
+    return dict(
+        img_size=518, patch_size=14, embed_dim=dim, depth=depth, num_heads=heads, mlp_ratio=4.0, norm_layer=_LN,
+        block_type="dinov2", use_cls_token=True, pretrain_img_size=518, pretrain_use_cls_token=True,
+        pos_embed_resize="dinov2", out_indices=out_indices or tuple(range(depth - 4, depth)),
+    )
+
+
 # Segment Anything's image encoders (facebookresearch/segment-anything, build_sam.py), also
 # SAM-HQ's: (embed_dim, depth, num_heads, global_attn_indexes).
 SAM_ENCODERS = {
@@ -58,7 +69,8 @@ SAM_ENCODERS = {
 
 # EVA-02 detection at 1536 with window 32 (baaivision/EVA, EVA-02/det projects/ViTDet configs),
 # ViTDet on MAE at 1024 with window 14 (facebookresearch/detectron2, projects/ViTDet/configs),
-# EVA-02 segmentation at 512 (baaivision/EVA, EVA-02/seg configs), and SAM's image encoders.
+# EVA-02 segmentation at 512 (baaivision/EVA, EVA-02/seg configs), SAM's image encoders, and
+# DINOv2 / Depth Anything V2 at 518.
 HOSTS = {
     "eva02_b_det": _eva02_det(768, 12, 12, (1, 3, 5, 7, 9, 11)),
     "eva02_l_det": _eva02_det(1024, 24, 16, _every_third(24)),
@@ -67,16 +79,29 @@ HOSTS = {
     "eva02_b_seg": _eva02_seg(768, 12, 12),
     "eva02_l_seg": _eva02_seg(1024, 24, 16),
     **{f"sam_{name}": _sam(*shape) for name, shape in SAM_ENCODERS.items()},
+    # DINOv2 (facebookresearch/dinov2; transformers' facebook/dinov2-{small,base,large}) and the
+    # Depth Anything V2 backbones, which read blocks 2,5,8,11 (S, B) and 4,11,17,23 (L).
+    "dinov2_s": _dinov2(384, 12, 6),
+    "dinov2_b": _dinov2(768, 12, 12),
+    "dinov2_l": _dinov2(1024, 24, 16),
+    "depth_anything_v2_s": _dinov2(384, 12, 6, (2, 5, 8, 11)),
+    "depth_anything_v2_b": _dinov2(768, 12, 12, (2, 5, 8, 11)),
+    "depth_anything_v2_l": _dinov2(1024, 24, 16, (4, 11, 17, 23)),
 }
 
 # The paper's thresholds (entropy, 512 bins, bits): detection sizes 32/64/128, segmentation 32.
 # SAM (training-free, 14-cell windows: 32 px only): calibrated on scikit-image's photos letterboxed
 # as SamPredictor does; 2.0 merges the padding and flat regions (a sky) but no texture, keeping
 # 82% of the tokens on the 5 sample photos (4:3 photos: 76%; 4.0 keeps 74%, 5.75 52%).
+# "depth": 14 px patches at 518 (DINOv2, Depth Anything), the paper's segmentation threshold at
+# 32 and 64 px (16 px patches, 512) translated by tools/translate_thresholds.py: the same share of
+# the sample photos merged per level (35% in 56 px patches, 46% in 28 px or larger), 60% of the
+# tokens kept. One level alone: {28: 5.45} (70% kept).
 APT_SETTINGS = {
     "detection": {32: 2.0, 64: 2.0, 128: 0.3},
     "segmentation": {32: 5.75},
     "sam": {32: 2.0},
+    "depth": {28: 5.43, 56: 5.67},
 }
 
 

@@ -71,11 +71,11 @@ class TracedBackbone(nn.Module):
         checks.append(intensity_extremes(gray) if gray is not None else checks[0].new_zeros(2))
         cell_level = planner.cell_levels(images, gray, thresholds)                   # 1-2a.
         layout = traced_layout(cell_level, planner.window_size, planner.levels)      # 2b.
-        prefix = ImagePrefix.build(layout) if model.cls_token is not None else None
-        x = model.embed(images, layout, prefix)                                      # 3.
+        prefix = ImagePrefix.build(layout, model.num_prefix_tokens) if model.cls_token is not None else None
+        x = model.embed(images, layout, prefix, crop)                                # 3.
         ctx = model.block_context(layout, prefix, x)
         traced_bucket_plans([a.seqs for a in (ctx.image, ctx.window) if a is not None], x.device)
-        features = model.run_blocks(x, ctx, layout, crop)                            # 4-5.
+        features, _ = model.run_blocks(x, ctx, layout, crop)                         # 4-5.
         outputs = model.head_outputs(features)
         return {**outputs, "tokens_per_image": layout.tokens_per_image, "input_checks": torch.cat(checks)}
 
