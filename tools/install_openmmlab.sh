@@ -5,8 +5,8 @@
 # mmcv 2.1.0 (the last version mmseg 1.2.2 accepts; mmdet 3.3.0 accepts it too) has no wheel for
 # current torch: it is built from its source package once (about 10 minutes on 2 cores), by $PYTHON
 # itself so that it compiles against the torch that will import it (as C++20 where that torch's
-# headers need it), and the wheel is cached per Python and torch version under $APT_DENSE_WHEEL_CACHE (default ~/.cache/apt-dense/wheels). A cached or
-# installed mmcv without its compiled ops (mmcv/_ext) is rebuilt, with a message that says why.
+# headers need it), and the wheel is cached per Python and torch version under
+# $APT_DENSE_WHEEL_CACHE (default ~/.cache/apt-dense/wheels). A cached or installed mmcv without its compiled ops (mmcv/_ext) is rebuilt, with a message that says why.
 set -euo pipefail
 PYTHON=${PYTHON:-python3}
 
