@@ -6,7 +6,8 @@
 # current torch: it is built from its source package once (about 10 minutes on 2 cores), by $PYTHON
 # itself so that it compiles against the torch that will import it (as C++20 where that torch's
 # headers need it), and the wheel is cached per Python and torch version under
-# $APT_DENSE_WHEEL_CACHE (default ~/.cache/apt-dense/wheels). A cached or installed mmcv without its compiled ops (mmcv/_ext) is rebuilt, with a message that says why.
+# $APT_DENSE_WHEEL_CACHE (default ~/.cache/apt-dense/wheels). A cached or installed mmcv
+# without its compiled ops (mmcv/_ext) is rebuilt, with a message that says why.
 set -euo pipefail
 PYTHON=${PYTHON:-python3}
 
