@@ -15,13 +15,14 @@ require("transformers", "transformers")
 
 from transformers import (  # noqa: E402
     DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Backbone, Dinov2Config, Dinov2WithRegistersBackbone,
-    Dinov2WithRegistersConfig, DPTConfig, DPTForDepthEstimation, DPTImageProcessor, pipeline,
+    Dinov2WithRegistersConfig, DPTConfig, DPTForDepthEstimation, pipeline,
 )
 
 from apt_dense.checkpoints import is_apt_layer  # noqa: E402
 from apt_dense.presets import APT_SETTINGS, IMAGENET_PIXEL_MEAN, IMAGENET_PIXEL_STD  # noqa: E402
 from apt_dense.sample_images import normalise  # noqa: E402
 from apt_dense.transformers import APTDinov2Backbone, from_pretrained, swap_to_apt  # noqa: E402
+from apt_dense.transformers.quality import depth_anything_processor, depth_errors  # noqa: E402
 
 SIZES = [(518, 518), (518, 686)]
 DEPTH_THRESHOLDS = APT_SETTINGS["depth"]
@@ -64,19 +65,12 @@ def with_positive_depth(model):
     return model
 
 
-def processor():
-    """Depth Anything's preprocessing (its released preprocessor_config.json)."""
-    return DPTImageProcessor(size={"height": 518, "width": 518}, keep_aspect_ratio=True, ensure_multiple_of=14,
-                             resample=3, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
-                             do_pad=False)
-
-
 @pytest.fixture(scope="module")
 def depth_folder(tmp_path_factory):
     """A saved Depth Anything folder (random weights) with its processor config."""
     folder = tmp_path_factory.mktemp("depth_anything")
     depth_anything().save_pretrained(folder)
-    processor().save_pretrained(folder)
+    depth_anything_processor().save_pretrained(folder)
     return folder
 
 
@@ -87,24 +81,33 @@ def pixels(photos, size):
     return normalise(raw.round().clamp(0, 255), IMAGENET_PIXEL_MEAN, IMAGENET_PIXEL_STD)
 
 
+# (reshape_hidden_states, apply_layernorm): feature maps or sequences (Depth Anything, DPT), each
+# with and without the final LayerNorm.
+LAYOUTS = [(True, True), (True, False), (False, True), (False, False)]
+
+
 @pytest.mark.parametrize("kind", sorted(CONFIGS))
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("layout", ["maps", "sequences", "no_layernorm"])
-def test_backbone_matches_transformers_with_merging_off(kind, size, layout):
-    config = backbone_config(kind, reshape_hidden_states=layout == "maps", apply_layernorm=layout != "no_layernorm")
+def test_backbone_matches_transformers_with_merging_off(kind, size):
     torch.manual_seed(0)
-    dense = randomise(CONFIGS[kind][1](config))
+    dense = randomise(CONFIGS[kind][1](backbone_config(kind)))
     apt = APTDinov2Backbone.from_dense(dense, adaptive=False, thresholds=DEPTH_THRESHOLDS).eval()
     assert apt.config is dense.config
     assert {k for k in apt.state_dict() if not is_apt_layer(k)} == set(dense.state_dict())
+    assert (apt.out_features, apt.out_indices, apt.channels) == (dense.out_features, dense.out_indices, dense.channels)
     x = torch.randn(2, 3, *size)
-    with torch.no_grad():
-        expected, got = dense(x).feature_maps, apt(x).feature_maps
-    assert len(got) == len(expected) == 2
-    for a, b in zip(got, expected):
-        assert a.shape == b.shape
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    assert apt.out_features == dense.out_features and apt.channels == dense.channels
+    cells = (size[0] // 14) * (size[1] // 14)
+    prefix = 1 + getattr(dense.config, "num_register_tokens", 0)
+    # Both backbones read these settings from the config object they share at every call.
+    for reshape, layernorm in LAYOUTS:
+        dense.config.reshape_hidden_states, dense.config.apply_layernorm = reshape, layernorm
+        with torch.no_grad():
+            expected, got = dense(x).feature_maps, apt(x).feature_maps
+        shape = (2, 64, size[0] // 14, size[1] // 14) if reshape else (2, prefix + cells, 64)
+        assert len(got) == len(expected) == 2
+        for a, b in zip(got, expected):
+            assert a.shape == b.shape == shape
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_backbone_position_grid_from_another_pretraining_size():
@@ -133,30 +136,42 @@ def test_depth_pipeline_identical(depth_folder):
     from PIL import Image
     from skimage import data
 
-    photo = Image.fromarray(data.coffee())  # 400 x 600: processed to 518 x 770
+    photo = Image.fromarray(data.coffee())  # 400 x 600: processed to 350 x 518
     expected = pipeline("depth-estimation", model=str(depth_folder))(photo)
     apt = from_pretrained(depth_folder, apt=dict(adaptive=False))
-    got = pipeline("depth-estimation", model=apt, image_processor=DPTImageProcessor.from_pretrained(depth_folder))(photo)
+    got = pipeline("depth-estimation", model=apt, image_processor=str(depth_folder))(photo)
     assert expected["predicted_depth"].std() > 0.01
     torch.testing.assert_close(got["predicted_depth"], expected["predicted_depth"], atol=1e-5, rtol=1e-5)
     assert got["depth"].size == expected["depth"].size == photo.size
 
 
-def test_dpt_with_dinov2_backbone_identical():
-    """DPT's reassemble stage reads the cls token (readout 'project') as well as the grid."""
-    backbone = Dinov2Config(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, image_size=518,
-                            out_indices=[1, 2, 3, 4], reshape_hidden_states=False)
-    config = DPTConfig(backbone_config=backbone, is_hybrid=False, readout_type="project", neck_hidden_sizes=[16, 32, 64, 64],
-                       fusion_hidden_size=16, head_in_index=-1, reassemble_factors=[4, 2, 1, 0.5])
+def dpt(**backbone):
+    """DPT on a DINOv2 backbone; its reassemble stage reads the cls token (readout 'project') as well as the grid."""
+    args = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, image_size=518, out_indices=[1, 2, 3, 4],
+                reshape_hidden_states=False)
+    args.update(backbone)
+    config = DPTConfig(backbone_config=Dinov2Config(**args), is_hybrid=False, readout_type="project",
+                       neck_hidden_sizes=[16, 32, 64, 64], fusion_hidden_size=16, head_in_index=-1,
+                       reassemble_factors=[4, 2, 1, 0.5])
     torch.manual_seed(0)
-    dense = with_positive_depth(randomise(DPTForDepthEstimation(config)))
-    x = torch.randn(1, 3, 518, 686)
-    with torch.no_grad():
-        expected = dense(pixel_values=x).predicted_depth
-    assert expected.std() > 0.01
-    apt = swap_to_apt(dense, adaptive=False).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(apt(pixel_values=x).predicted_depth, expected, atol=1e-5, rtol=1e-5)
+    return with_positive_depth(randomise(DPTForDepthEstimation(config)))
+
+
+def test_dpt_with_dinov2_backbone_identical(tmp_path):
+    """The swap of a DPT model in hand, and a saved DPT folder loaded with the swap."""
+    dense = dpt()
+    dense.save_pretrained(tmp_path)
+    loaded = from_pretrained(tmp_path, apt=dict(adaptive=False)).eval()
+    swapped = swap_to_apt(dense, adaptive=False).eval()
+    reference = DPTForDepthEstimation.from_pretrained(tmp_path).eval()
+    for size in SIZES:
+        x = torch.randn(1, 3, *size)
+        with torch.no_grad():
+            expected = reference(pixel_values=x).predicted_depth
+            assert expected.std() > 0.01
+            for apt in (swapped, loaded):
+                assert isinstance(apt.backbone, APTDinov2Backbone)
+                torch.testing.assert_close(apt(pixel_values=x).predicted_depth, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_folder_loads_with_only_apt_layers_missing(depth_folder, tmp_path):
@@ -271,25 +286,69 @@ def test_compiled_blocks_match_eager(fresh_dynamo, photos):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_depth_quality_tool_wiring(depth_folder, tmp_path, capsys):
+def depth_quality_tool():
     import sys
     from pathlib import Path
-
-    from apt_dense.transformers.quality import depth_errors
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
     import depth_quality
 
+    return depth_quality
+
+
+def test_depth_quality_tool_wiring(depth_folder, tmp_path, capsys):
     args = ["--model", str(depth_folder), "--limit", "2", "--output-dir", str(tmp_path), "--tag", "q"]
-    assert depth_quality.main(args) == 0
+    assert depth_quality_tool().main(args) == 0
     result = json.loads((tmp_path / "q.json").read_text())
     assert [row["name"] for row in result["images"]] == ["astronaut", "coffee"]
+    assert [(row["height"], row["width"]) for row in result["images"]] == [(518, 518), (350, 518)]
     for row in result["images"]:
-        assert 0 < row["tokens_kept"] < row["tokens_dense"] and 0 <= row["abs_rel"] < 1 and 0 <= row["delta1"] <= 1
-    assert result["overall"]["images"] == 2 and "| **overall** (2 images)" in (tmp_path / "q.md").read_text()
+        assert 0 < row["tokens_kept"] < row["tokens_dense"] and 0 < row["abs_rel"] < 1 and 0 <= row["delta1"] <= 1
+    kept = sum(row["tokens_kept"] for row in result["images"]) / sum(row["tokens_dense"] for row in result["images"])
+    assert result["overall"]["images"] == 2 and result["overall"]["kept_fraction"] == pytest.approx(kept)
+    assert result["config"]["thresholds"] == {str(k): v for k, v in DEPTH_THRESHOLDS.items()}
+    assert "| **overall** (2 images)" in (tmp_path / "q.md").read_text()
     assert "overall:" in capsys.readouterr().out
+
+
+def test_depth_errors():
     assert depth_errors(torch.ones(4, 4), torch.ones(4, 4)) == (0.0, 1.0)
     assert depth_errors(torch.full((2,), 2.0), torch.ones(2)) == (1.0, 0.0)
+    # Only pixels with a positive dense depth count; none at all gives NaN, not a division error.
+    assert depth_errors(torch.tensor([1.2, 5.0]), torch.tensor([1.0, 0.0])) == pytest.approx((0.2, 1.0))
+    assert all(v != v for v in depth_errors(torch.ones(3), torch.zeros(3)))
+
+
+def test_depth_quality_tool_errors(depth_folder, tmp_path, capsys):
+    tool = depth_quality_tool()
+    backbone_folder, empty, broken, blocker = (tmp_path / name for name in ("dinov2", "empty", "broken", "file"))
+    randomise(Dinov2Backbone(backbone_config())).save_pretrained(backbone_folder)
+    empty.mkdir()
+    broken.mkdir()
+    (broken / "photo.png").write_bytes(b"not a png")
+    blocker.write_text("")
+    out = ["--output-dir", str(tmp_path / "out")]
+    usage_errors = {
+        "does not exist": ["--model", str(tmp_path / "missing"), *out],
+        "no config.json": ["--model", str(empty), *out],
+        "'dinov2' model, not a depth model": ["--model", str(backbone_folder), *out],
+        "holds no image files": ["--model", str(depth_folder), "--images", str(empty), *out],
+        "is a file": ["--model", str(depth_folder), "--output-dir", str(blocker / "out")],
+    }
+    for message, argv in usage_errors.items():
+        with pytest.raises(SystemExit) as exit_:
+            tool.main(argv)
+        assert exit_.value.code == 2 and message in capsys.readouterr().err, message
+    assert tool.main(["--model", str(depth_folder), "--images", str(broken), *out]) == 1
+    assert "no readable images" in capsys.readouterr().err
+    # DPT on its own ViT (Intel/dpt-large's kind): a depth model APT cannot swap.
+    own_vit = tmp_path / "dpt_vit"
+    DPTForDepthEstimation(DPTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+                                    image_size=64, patch_size=16, backbone_out_indices=[0, 1, 2, 3],
+                                    neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=8)).save_pretrained(own_vit)
+    assert tool.main(["--model", str(own_vit), *out]) == 1
+    assert "DPT on its own ViT (Intel/dpt-large, dpt-hybrid) is not supported" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("kind", sorted(CONFIGS))

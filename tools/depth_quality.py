@@ -2,14 +2,16 @@
 """How close APT's depth is to the dense model's, for users with Depth Anything or DPT weights.
 
 The model folder is loaded twice, dense and with an APT backbone (``apt_dense.transformers``);
-both get the same processed pixels. Per image and overall: the tokens the APT backbone kept, and
-the relative depth error of APT against the dense prediction (AbsRel, delta < 1.25).
+both get the same pixels from the folder's image processor. Per image and overall: the tokens the
+APT backbone kept, and the relative depth error of APT against the dense prediction (AbsRel,
+delta < 1.25).
 
     python tools/depth_quality.py --model Depth-Anything-V2-Base-hf          # a local folder
     python tools/depth_quality.py --model FOLDER --images photos/ --thresholds '{"28": 5.5}' --device cuda
 
 Results go to OUTPUT_DIR/TAG.json and .md, each written whole or not at all; Ctrl-C writes the
-images done so far.
+images done so far. The folder, the images and the output paths are checked before any model is
+loaded.
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ import json
 import logging
 import sys
 from pathlib import Path
+
+import torch
 
 from apt_dense.benchmarking import image_folder, positive_int, thresholds_json, torch_device
 from apt_dense.outputs import atomic_write, check_output_file, ctrl_c_deferred, write_error
@@ -40,43 +44,30 @@ def parse_args(argv=None):
     p.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR, help=f"default: {DEFAULT_OUTPUT_DIR}")
     p.add_argument("--tag", default=None, help="result file name (default: depth_quality_<folder>_<thresholds>)")
     args = p.parse_args(argv)
-    if not (args.model / "config.json").is_file():
-        p.error(f"--model {args.model} is not a saved model folder (no config.json): pass the folder "
-                "save_pretrained wrote, or a checkpoint downloaded to a local folder")
-    args.tag = args.tag or f"depth_quality_{args.model.name}_" + "_".join(
+    args.tag = args.tag or f"depth_quality_{args.model.resolve().name}_" + "_".join(
         f"{size}-{value:g}" for size, value in sorted(args.thresholds.items()))
     try:
         for suffix in (".json", ".md"):
             check_output_file(args.output_dir / f"{args.tag}{suffix}", what="--output-dir/--tag")
     except ValueError as err:
         p.error(str(err))
+    try:
+        from apt_dense.transformers.quality import depth_folder_config
+
+        depth_folder_config(args.model)
+    except ImportError as err:
+        p.error(str(err))
+    except (OSError, ValueError) as err:
+        p.error(f"--model: {err}")
     args.count, args.photos = image_source(args.images, args.limit)
     return args
 
 
-def load_models(args):
-    """``(dense, apt, processor)``: the folder's model dense and with APT, and its image processor
-    (Depth Anything's settings when the folder has none)."""
-    from transformers import AutoImageProcessor, AutoModelForDepthEstimation, DPTImageProcessor
-
-    from apt_dense.transformers import from_pretrained
-
-    dense = AutoModelForDepthEstimation.from_pretrained(args.model, local_files_only=True)
-    apt = from_pretrained(args.model, apt=dict(thresholds=args.thresholds))
-    if (args.model / "preprocessor_config.json").is_file():
-        processor = AutoImageProcessor.from_pretrained(args.model, local_files_only=True)
-    else:
-        print(f"{args.model} has no preprocessor_config.json: using Depth Anything's (shorter side 518, ImageNet stats)")
-        processor = DPTImageProcessor(size={"height": 518, "width": 518}, keep_aspect_ratio=True, ensure_multiple_of=14,
-                                      resample=3, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
-                                      do_pad=False)
-    return dense.to(args.device).eval(), apt.to(args.device).eval(), processor
-
-
 def markdown(args, results, overall: dict) -> str:
     lines = [
-        f"# Depth quality: APT vs dense ({args.model.name})", "",
-        f"Thresholds {args.thresholds}; errors of APT's depth against the dense model's.", "",
+        f"# Depth quality: APT vs dense ({args.model.resolve().name})", "",
+        f"Thresholds {args.thresholds}; errors of APT's depth against the dense model's; tokens kept by the "
+        "APT backbone against one per 14 px cell.", "",
         "| image | size | tokens kept | AbsRel | delta < 1.25 |",
         "|---|---|---|---|---|",
     ]
@@ -89,8 +80,10 @@ def markdown(args, results, overall: dict) -> str:
 
 
 def write_results(args, results, overall: dict) -> None:
+    import transformers
+
     config = {"model": str(args.model), "thresholds": {str(k): v for k, v in args.thresholds.items()},
-              "device": str(args.device)}
+              "device": str(args.device), "torch": torch.__version__, "transformers": transformers.__version__}
     data = {"config": config, "overall": overall, "images": [r.as_dict() for r in results]}
     with atomic_write(args.output_dir / f"{args.tag}.json", "w") as f:
         json.dump(data, f, indent=2)
@@ -101,10 +94,10 @@ def write_results(args, results, overall: dict) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    from apt_dense.transformers.quality import compare_image, summarise
+    from apt_dense.transformers.quality import compare_image, load_depth_pair, summarise
 
     try:
-        dense, apt, processor = load_models(args)
+        dense, apt, processor = load_depth_pair(args.model, args.thresholds, args.device)
     except (ValueError, TypeError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -9,17 +9,79 @@ metric heads), so no scale or shift is fitted.
 """
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..model import TokenStats
 from .backbone import APTDinov2Backbone
+from .swap import FOLDER_CLASSES, folder_config, from_pretrained
 
-__all__ = ["DepthQuality", "depth_errors", "compare_image", "summarise"]
+__all__ = ["DepthQuality", "depth_errors", "compare_image", "summarise", "depth_folder_config", "load_depth_pair",
+           "depth_anything_processor"]
+
+logger = logging.getLogger(__name__)
+
+# The depth models among the folders apt_dense.transformers loads (model_type in config.json).
+DEPTH_MODEL_TYPES = ("depth_anything", "dpt")
+
+
+def depth_anything_processor():
+    """Depth Anything's image processor (its released ``preprocessor_config.json``): both sides
+    scaled by the factor that brings one side to 518 px with the least change, rounded to multiples
+    of 14, bicubic, ImageNet statistics."""
+    from transformers import DPTImageProcessor
+
+    return DPTImageProcessor(size={"height": 518, "width": 518}, keep_aspect_ratio=True, ensure_multiple_of=14,
+                             resample=3, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
+                             do_pad=False)
+
+
+def depth_folder_config(folder: Path):
+    """The config of a local depth model folder.
+
+    Raises:
+        FileNotFoundError: no such folder, or no ``config.json`` in it.
+        ValueError: the folder holds another model (e.g. a DINOv2 backbone).
+    """
+    config = folder_config(folder)
+    if config.model_type not in DEPTH_MODEL_TYPES:
+        raise ValueError(f"{folder} holds a {config.model_type!r} model, not a depth model: pass the folder of a "
+                         "Depth Anything (V1/V2) or DPT model with a DINOv2 backbone")
+    return config
+
+
+def load_depth_pair(folder: str | os.PathLike, thresholds: Mapping[int, float] | None,
+                    device: torch.device | str = "cpu"):
+    """``(dense, apt, processor)`` for a local Depth Anything / DPT folder: its model as saved, the
+    same with an APT backbone (:func:`~apt_dense.transformers.from_pretrained`), both in eval mode
+    on ``device``, and the folder's image processor (Depth Anything's when it has none).
+
+    Raises:
+        FileNotFoundError: no such folder, or no ``config.json`` in it.
+        ValueError: the folder holds no depth model (e.g. a DINOv2 backbone), or weights that do
+            not fit its config (naming the keys).
+        TypeError: a depth model without a DINOv2 backbone (DPT on its own ViT).
+    """
+    from transformers import AutoImageProcessor
+
+    folder = Path(folder)
+    config = depth_folder_config(folder)
+    apt = from_pretrained(folder, apt=dict(thresholds=thresholds))
+    dense = FOLDER_CLASSES[config.model_type].from_pretrained(folder, local_files_only=True)
+    if (folder / "preprocessor_config.json").is_file():
+        processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
+    else:
+        logger.warning("%s has no preprocessor_config.json: using Depth Anything's (518 px, multiples of 14, "
+                       "ImageNet statistics)", folder)
+        processor = depth_anything_processor()
+    return dense.to(device).eval(), apt.to(device).eval(), processor
 
 
 @dataclass

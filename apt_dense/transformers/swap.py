@@ -10,20 +10,21 @@ from pathlib import Path
 import torch.nn as nn
 from transformers import (
     AutoConfig, DepthAnythingForDepthEstimation, Dinov2Backbone, Dinov2WithRegistersBackbone, DPTForDepthEstimation,
+    PretrainedConfig,
 )
 
 from ..checkpoints import is_apt_layer, read_checkpoint, unwrap_state_dict
 from ..presets import APT_SETTINGS
 from .backbone import APTDinov2Backbone
 
-__all__ = ["swap_to_apt", "from_pretrained"]
+__all__ = ["swap_to_apt", "from_pretrained", "folder_config", "FOLDER_CLASSES"]
 
 logger = logging.getLogger(__name__)
 
 DENSE_BACKBONES = (Dinov2Backbone, Dinov2WithRegistersBackbone)
 # The transformers class that loads a folder, by the config's model_type. DINOv2 folders saved as
 # Dinov2Model (facebook/dinov2-*) hold the backbone's keys.
-_FOLDER_CLASSES = {
+FOLDER_CLASSES = {
     "depth_anything": DepthAnythingForDepthEstimation,
     "dpt": DPTForDepthEstimation,
     "dinov2": Dinov2Backbone,
@@ -87,14 +88,11 @@ def from_pretrained(folder: str | os.PathLike, *, output_loading_info: bool = Fa
             mismatches) or lack weights of the model other than the APT layers.
     """
     folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{folder} is not a saved model folder (no config.json); pass the folder "
-                                "save_pretrained wrote, or download a checkpoint to a local folder first")
-    config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    dense_class = _FOLDER_CLASSES.get(config.model_type)
+    config = folder_config(folder)
+    dense_class = FOLDER_CLASSES.get(config.model_type)
     if dense_class is None:
         raise ValueError(f"{folder}: model_type {config.model_type!r} has no DINOv2 backbone APT can swap; "
-                         f"supported: {sorted(_FOLDER_CLASSES)}")
+                         f"supported: {sorted(FOLDER_CLASSES)}")
     # Mismatches come back in the loading info (transformers' own error does not name them).
     model, info = dense_class.from_pretrained(
         folder, local_files_only=True, output_loading_info=True, ignore_mismatched_sizes=True, **hf_kwargs
@@ -119,6 +117,21 @@ def from_pretrained(folder: str | os.PathLike, *, output_loading_info: bool = Fa
     if output_loading_info:
         return model, {"missing_keys": apt_missing, "unexpected_keys": unexpected}
     return model
+
+
+def folder_config(folder: Path) -> PretrainedConfig:
+    """The config of a local model folder (``config.json``, read by transformers).
+
+    Raises:
+        FileNotFoundError: ``folder`` does not exist or holds no ``config.json``.
+    """
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} does not exist or is not a folder; pass the local folder save_pretrained "
+                                "wrote (a checkpoint is downloaded to a local folder first)")
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} is not a saved model folder (no config.json); pass the folder "
+                                "save_pretrained wrote, or download a checkpoint to a local folder first")
+    return AutoConfig.from_pretrained(folder, local_files_only=True)
 
 
 def _weight_files(folder: Path) -> list[Path]:
