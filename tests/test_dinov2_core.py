@@ -1,6 +1,7 @@
 """The core's DINOv2 pieces without transformers: prefix slots (cls + registers), the dinov2 block
-family in ragged batches, position grids for the image's own cells. Equality with transformers'
-DINOv2 itself is tested in test_transformers.py."""
+family in ragged batches, position grids for the image's own cells, and the 14 px threshold setting
+(tools/translate_thresholds.py). Equality with transformers' DINOv2 itself is tested in
+test_transformers.py."""
 import pytest
 import torch
 
@@ -88,3 +89,42 @@ def test_swiglu_width_follows_dinov2_giant():
     assert (mlp.gate_proj.out_features, mlp.down_proj.in_features) == (88, 88)  # 128 * 2/3 = 85.3 -> 88
     with torch.no_grad():
         assert torch.isfinite(model(torch.rand(1, 3, 112, 112) * 255).features[0]).all()
+
+
+def translate_tool():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import translate_thresholds
+
+    return translate_thresholds
+
+
+def test_depth_setting_is_the_translated_segmentation_threshold(tmp_path):
+    """APT_SETTINGS['depth'] is what tools/translate_thresholds.py gives for the paper's 5.75 at 32
+    and 64 px on the five sample photos: the same share of the photos merged per level."""
+    import json
+
+    from apt_dense.presets import APT_SETTINGS
+
+    out = tmp_path / "t14.json"
+    assert translate_tool().main(["--reference", '{"32": 5.75, "64": 5.75}', "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    translated = {int(k): v for k, v in result["translated"]["thresholds"].items()}
+    assert translated == pytest.approx(APT_SETTINGS["depth"], abs=0.005)
+    assert result["translated"]["areas"] == pytest.approx(result["reference"]["areas"], abs=0.005)
+    assert sum(result["translated"]["kept"]) / 5 == pytest.approx(0.60, abs=0.01)
+
+
+def test_translate_thresholds_arguments(tmp_path, capsys):
+    tool = translate_tool()
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    for argv, message in [
+        (["--reference", '{"48": 5.0}'], "is not 16 px times 2, 4, 8"),
+        (["--output", str(blocker / "t.json")], "is a file"),
+    ]:
+        with pytest.raises(SystemExit) as exit_:
+            tool.parse_args(argv)
+        assert exit_.value.code == 2 and message in capsys.readouterr().err

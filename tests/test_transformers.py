@@ -365,3 +365,14 @@ def test_dinov2_model_folder_loads_as_backbone(kind, tmp_path):
     with torch.no_grad():
         for a, b in zip(apt.eval()(x).feature_maps, dense(x).feature_maps):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_translate_thresholds_resizes_as_the_depth_processor(photos):
+    """tools/translate_thresholds.py scores photos at the sizes Depth Anything's processor gives them."""
+    from test_dinov2_core import translate_tool
+
+    resize = translate_tool().resize_as_dpt
+    processor = depth_anything_processor()
+    for photo in photos:
+        expected = processor(images=photo, return_tensors="pt").pixel_values.shape[-2:]
+        assert resize(photo, 518, 14).shape[-2:] == expected

@@ -10,41 +10,51 @@ patch with the mean colour. Then, from the
 coarsest level down, each threshold is found by bisection so that the area in patches of that
 level or coarser matches the reference's, over the images' own cells (padding excluded).
 
-    python tools/translate_thresholds.py                                   # paper's segmentation 32 px -> 28 px at 518
+APT_SETTINGS["depth"] = {28: 5.43, 56: 5.67} is this tool's translation of the paper's
+segmentation threshold 5.75, applied at 32 and 64 px, on scikit-image's five sample photos:
+
     python tools/translate_thresholds.py --reference '{"32": 5.75, "64": 5.75}' --output outputs/t14.json
+    python tools/translate_thresholds.py                                   # 32 px only: {28: 5.445}
 """
 from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
+import sys
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from apt_dense.benchmarking import image_folder, positive_int, thresholds_json
+from apt_dense.benchmarking import image_folder, output_path, positive_int, thresholds_json
+from apt_dense.outputs import atomic_write, check_output_file, write_error
 from apt_dense.planner import TokenPlanner
 from apt_dense.presets import APT_SETTINGS, IMAGENET_PIXEL_MEAN
-from apt_dense.sample_images import load_image_folder, load_sample_photos
+from apt_dense.sample_images import image_source
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=image_folder, default=None,
                    help="folder of photos (default: scikit-image's sample photos)")
+    p.add_argument("--limit", type=positive_int, default=None, help="at most this many images")
     p.add_argument("--reference", type=thresholds_json, default=APT_SETTINGS["segmentation"],
                    help="thresholds to translate (default: the paper's segmentation setting)")
     p.add_argument("--reference-patch", type=positive_int, default=16)
     p.add_argument("--reference-size", type=positive_int, default=512, help="canvas side for the reference")
     p.add_argument("--patch", type=positive_int, default=14, help="patch size to translate to")
     p.add_argument("--size", type=positive_int, default=518, help="canvas side at the new patch size")
-    p.add_argument("--output", type=Path, default=None, help="write the result as JSON")
+    p.add_argument("--output", type=output_path, default=None, help="write the result as JSON")
     args = p.parse_args(argv)
     for size in args.reference:
         ratio = size // args.reference_patch
         if size % args.reference_patch or ratio & (ratio - 1) or ratio < 2:
             p.error(f"--reference size {size} px is not {args.reference_patch} px times 2, 4, 8, ...")
+    if args.output is not None:
+        try:
+            check_output_file(args.output, what="--output")
+        except ValueError as err:
+            p.error(str(err))
     return args
 
 
@@ -111,7 +121,11 @@ def translate(reference: LevelAreas, reference_thresholds: dict[int, float], tar
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    photos = load_image_folder(args.images) if args.images else load_sample_photos()
+    try:
+        photos = dict(image_source(args.images, args.limit)[1])
+    except ValueError as err:  # no readable image in the folder
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     levels = len(args.reference)
     reference = LevelAreas(photos, args.reference_patch, args.reference_size, levels)
     target = LevelAreas(photos, args.patch, args.size, levels)
@@ -131,8 +145,12 @@ def main(argv=None) -> int:
         print(f"{name:>10}: {r['patch']} px at {r['size']}: {r['thresholds']}  area in levels >= 1..K "
               f"{r['areas']}  kept {np.mean(r['kept']):.1%} (per image {r['kept']})")
     if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(result, indent=2))
+        try:
+            with atomic_write(args.output, "w") as f:
+                json.dump(result, f, indent=2)
+        except OSError as err:
+            print(f"error: {write_error(err)}", file=sys.stderr)
+            return 1
         print(f"wrote {args.output}")
     return 0
 
