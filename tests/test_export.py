@@ -3,8 +3,8 @@ token counts, two batch sizes and merging on and off, with the eager model's map
 
 Each family (ViTDet: relative positions, padded windows; EVA-02: RoPE, SwiGLU, two coarse levels)
 is exported once per module; the program itself (``ExportedProgram.module()``) and its ONNX model
-in ONNX Runtime are checked here, and the AOTInductor package (C++ compiled: minutes on 2 cores)
-once per family in the two ``slow`` tests.
+in ONNX Runtime are checked for both, the AOTInductor package (C++ compiled: minutes on 2 cores)
+for EVA-02 by default and for ViTDet in a ``slow`` test.
 """
 import numpy as np
 import pytest
@@ -121,7 +121,7 @@ def test_onnx_model_checks_and_matches_eager(exported, stream):
     check_stream(model, runner, stream, [None, merging_off(model)])
 
 
-@pytest.mark.slow
+@pytest.mark.parametrize("exported", ["eva02", pytest.param("vitdet", marks=pytest.mark.slow)], indirect=True)
 def test_aoti_package_matches_eager(exported, stream):
     family, model, program, spec, folder = exported
     runner = AOTIRunner(save_aoti(program, spec, folder / f"{family}.pt2"))
@@ -154,10 +154,16 @@ def test_non_square_images_are_padded_and_cropped_as_eager(photos):
     torch.testing.assert_close(got.features[0], want.features[0], **TOL)
 
 
-def test_cls_token_exports(stream):
-    model = build("eva02", window_size=0, window_block_indexes=(), use_cls_token=True, thresholds={32: 5.0})
-    program, spec = export_program(model, (SIZE, SIZE))
-    check_stream(model, program_runner(program, spec), stream[:2], [None])
+def test_prefix_tokens_export(photos):
+    """DINOv2's family: cls and register tokens, position embeddings resized to the image's cells
+    (14 px patches on a canvas that is not square)."""
+    from test_dinov2_core import dinov2
+
+    model = dinov2(img_size=224, pretrain_img_size=112)
+    program, spec = export_program(model, (224, 168))
+    images = torch.stack([letterbox(p, 224, (0, 0, 0))[0][:, :, :168] for p in photos[:3]])
+    kept = check_stream(model, program_runner(program, spec), [images[:2], images], [None, merging_off(model)])
+    assert min(kept[1]) < 16 * 12 and kept[-1] == [16 * 12] * 3
 
 
 @pytest.mark.parametrize("change, message", [

@@ -10,7 +10,8 @@ One file serves every batch size, every image content and every threshold settin
 exported image size (the runners take ``thresholds=`` per call). ``--dense`` exports the same
 model with adaptive patching off. ``--check`` runs every file against the eager model on the
 sample photos and crops of them (batches of 1 and 2, the export's thresholds and merging off)
-and fails on any difference beyond 1e-4. ``--benchmark`` exports the APT model and the dense
+and fails on any difference beyond 1e-4 (with ``--benchmark``: the APT files, before timing).
+``--benchmark`` exports the APT model and the dense
 model with the same weights, times both per format on the sample photos (one image per call,
 alternating, after a warm-up; merging off through the APT file's thresholds input, then the
 given thresholds), and writes ``<output-dir>/<host>-<size>-export-<device>-fp32.{json,md}``
@@ -62,7 +63,8 @@ def parse_args(argv=None):
     p.add_argument("--output-dir", type=output_path, default=None,
                    help="where the files go (default exports/; with --benchmark, the results: benchmarks/results)")
     p.add_argument("--name", default=None, help="file name stem (default <host>-<size>[-dense])")
-    p.add_argument("--check", action="store_true", help="compare every file with the eager model on the sample photos")
+    p.add_argument("--check", action="store_true",
+                   help="compare every file with the eager model on the sample photos (with --benchmark: the APT files)")
     p.add_argument("--benchmark", action="store_true", help="exported APT vs exported dense, per format")
     p.add_argument("--exports", type=output_path, default=None,
                    help="--benchmark: folder for the exported files (default: a temporary one); existing files are reused")
@@ -198,6 +200,8 @@ def benchmark(args) -> int:
     apt_layouts = [apt.planner(x[None]) for x in images]
     dense_layouts = [dense.planner(x[None]) for x in images]
     dense_flops = sum(backbone_flops(apt, layout) for layout in dense_layouts)
+    if args.check and not check(apt, files["apt"], args):
+        return 1
     rows = []
     for fmt in args.formats:
         runners = {side: load_runner(files[side][fmt], **runner_kwargs(fmt, args)) for side in ("apt", "dense")}
