@@ -120,6 +120,18 @@ def test_backbone_position_grid_from_another_pretraining_size():
             torch.testing.assert_close(apt(x).feature_maps[0], dense(x).feature_maps[0], atol=1e-5, rtol=1e-5)
 
 
+def test_swiglu_backbone_matches_transformers():
+    """DINOv2-giant's SwiGLU MLP (transformers 5 keys ``mlp.{gate,up,down}_proj``)."""
+    for kind in CONFIGS:
+        dense = randomise(CONFIGS[kind][1](backbone_config(kind, use_swiglu_ffn=True, reshape_hidden_states=False)))
+        apt = APTDinov2Backbone.from_dense(dense, adaptive=False).eval()
+        assert any(k.endswith("mlp.gate_proj.weight") for k in apt.state_dict())
+        x = torch.randn(1, 3, 518, 686)
+        with torch.no_grad():
+            for a, b in zip(apt(x).feature_maps, dense(x).feature_maps):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_depth_anything_predicted_depth_identical(depth_folder, size):
     dense = DepthAnythingForDepthEstimation.from_pretrained(depth_folder).eval()
