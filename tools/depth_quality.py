@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 
 from apt_dense.benchmarking import image_folder, positive_int, thresholds_json, torch_device
-from apt_dense.outputs import atomic_write, check_output_file, ctrl_c_deferred, write_error
+from apt_dense.outputs import atomic_write, check_output_file
 from apt_dense.presets import APT_SETTINGS
+from apt_dense.quality_runs import compare_images, write_and_exit_status
 from apt_dense.sample_images import image_source
 
 DEFAULT_OUTPUT_DIR = Path("outputs/depth_quality")
@@ -101,33 +102,24 @@ def main(argv=None) -> int:
     except (ValueError, TypeError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    results = []
-    interrupted = False
+
+    def compare(name, image):
+        r = compare_image(dense, apt, processor, name, image)
+        return r, f"{r.kept_fraction:.1%} tokens kept, AbsRel {r.abs_rel:.4f}, delta<1.25 {r.delta1:.4f}"
+
     try:
-        for index, (name, image) in enumerate(args.photos, start=1):
-            r = compare_image(dense, apt, processor, name, image)
-            results.append(r)
-            print(f"[{index}/{args.count}] {name}: {r.kept_fraction:.1%} tokens kept, AbsRel {r.abs_rel:.4f}, "
-                  f"delta<1.25 {r.delta1:.4f}", flush=True)
-    except KeyboardInterrupt:
-        interrupted = True
-        print(f"interrupted: writing the {len(results)} images done so far")
+        results, interrupted = compare_images(args.photos, args.count, compare)
     except ValueError as err:  # no readable image in the folder
         print(f"error: {err}", file=sys.stderr)
         return 1
-    if not results:
-        print("error: no image was compared", file=sys.stderr)
-        return 130 if interrupted else 1
-    overall = summarise(results)
-    with ctrl_c_deferred() as ctrl_c:
-        try:
-            write_results(args, results, overall)
-        except OSError as err:
-            print(f"error: {write_error(err)}", file=sys.stderr)
-            return 1
-    print(f"overall: {overall['kept_fraction']:.1%} tokens kept, AbsRel {overall['abs_rel']:.4f}, delta<1.25 "
-          f"{overall['delta1']:.4f}; wrote {args.output_dir / args.tag}.json and .md")
-    return 130 if interrupted or ctrl_c.pressed else 0
+
+    def write() -> str:
+        overall = summarise(results)
+        write_results(args, results, overall)
+        return (f"overall: {overall['kept_fraction']:.1%} tokens kept, AbsRel {overall['abs_rel']:.4f}, delta<1.25 "
+                f"{overall['delta1']:.4f}; wrote {args.output_dir / args.tag}.json and .md")
+
+    return write_and_exit_status(results, interrupted, write)
 
 
 if __name__ == "__main__":
