@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from apt_dense.benchmarking import image_folder, non_negative_int, positive_int, thresholds_json
-from apt_dense.outputs import atomic_write, check_output_file, ctrl_c_deferred, write_error
+from apt_dense.outputs import atomic_write, check_output_file
+from apt_dense.quality_runs import compare_images, write_and_exit_status
 from apt_dense.presets import APT_SETTINGS
 from apt_dense.sam import build_sam_pair, check_image, check_sam_thresholds, read_sam_checkpoint
 from apt_dense.sam.quality import compare_image, summarise
@@ -136,40 +137,30 @@ def main(argv=None) -> int:
         return 1
     dense.to(args.device)
     apt.to(args.device)
-    results = []
-    interrupted = False
+
+    def compare(name, image):
+        try:
+            check_image(image)
+        except (ValueError, TypeError) as err:
+            return None, f"skipped, {err}"
+        r = compare_image(dense, apt, name, image, points_per_side=args.points_per_side, batch=args.batch,
+                          amg=amg_kwargs(args))
+        amg = "" if r.amg_matched_miou is None else f", AMG matched mIoU {r.amg_matched_miou:.4f}"
+        return r, f"{r.kept_fraction:.1%} tokens kept, point mIoU {r.point_miou:.4f}{amg}"
+
     try:
-        for index, (name, image) in enumerate(args.photos, start=1):
-            try:
-                check_image(image)
-            except (ValueError, TypeError) as err:
-                print(f"[{index}/{args.count}] {name}: skipped, {err}", flush=True)
-                continue
-            r = compare_image(dense, apt, name, image, points_per_side=args.points_per_side, batch=args.batch,
-                              amg=amg_kwargs(args))
-            results.append(r)
-            amg = "" if r.amg_matched_miou is None else f", AMG matched mIoU {r.amg_matched_miou:.4f}"
-            print(f"[{index}/{args.count}] {name}: {r.kept_fraction:.1%} tokens kept, point mIoU "
-                  f"{r.point_miou:.4f}{amg}", flush=True)
-    except KeyboardInterrupt:
-        interrupted = True
-        print(f"interrupted: writing the {len(results)} images done so far")
+        results, interrupted = compare_images(args.photos, args.count, compare)
     except ValueError as err:  # no readable image in the folder
         print(f"error: {err}", file=sys.stderr)
         return 1
-    if not results:
-        print("error: no image was compared", file=sys.stderr)
-        return 130 if interrupted else 1
-    overall = summarise(results)
-    with ctrl_c_deferred() as ctrl_c:
-        try:
-            write_results(args, results, overall)
-        except OSError as err:
-            print(f"error: {write_error(err)}", file=sys.stderr)
-            return 1
-    print(f"overall: {overall['kept_fraction']:.1%} tokens kept, point mIoU {overall['point_miou']:.4f}; "
-          f"wrote {args.output_dir / args.tag}.json and .md")
-    return 130 if interrupted or ctrl_c.pressed else 0
+
+    def write() -> str:
+        overall = summarise(results)
+        write_results(args, results, overall)
+        return (f"overall: {overall['kept_fraction']:.1%} tokens kept, point mIoU {overall['point_miou']:.4f}; "
+                f"wrote {args.output_dir / args.tag}.json and .md")
+
+    return write_and_exit_status(results, interrupted, write)
 
 
 if __name__ == "__main__":
