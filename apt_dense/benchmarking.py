@@ -20,10 +20,13 @@ import torch
 from torch import nn
 
 from .planner import TokenPlanner
+from .presets import IMAGENET_PIXEL_MEAN, IMAGENET_PIXEL_STD
 
 __all__ = [
-    "timed_call", "time_side_by_side", "MemoryPeak", "peak_memory_mib", "backbone_flops", "model_builder", "build_model_pair",
-    "same_weights_pair", "host_window", "build_planner", "host_planner",
+    "timed_call", "SideTimes", "times_side_by_side", "time_side_by_side", "MemoryPeak", "peak_memory_mib", "backbone_flops", "model_builder", "build_model_pair",
+    "same_weights_pair", "host_window", "build_planner", "host_planner", "HOST_FAMILIES", "host_family", "host_setting",
+    "setting_label", "host_size", "host_image", "padded_to", "apt_engine", "apt_layout", "dense_layout", "dinov2_config",
+    "backbone_builder", "sam_builder",
     "positive_int", "non_negative_int", "non_negative_float", "unit_fraction", "int_between", "thresholds_json",
     "image_folder", "output_path", "existing_file", "torch_device",
 ]
@@ -43,20 +46,45 @@ def timed_call(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def time_side_by_side(
+class SideTimes(NamedTuple):
+    """Seconds of every timed call of one side: wall clock, and this process's CPU time (all
+    threads; what other processes on a shared machine inflate least)."""
+
+    wall: list[float]
+    cpu: list[float]
+
+    @property
+    def median(self) -> float:
+        return sorted(self.wall)[len(self.wall) // 2]
+
+    @property
+    def cpu_median(self) -> float:
+        return sorted(self.cpu)[len(self.cpu) // 2]
+
+
+def times_side_by_side(
     runs: Mapping[str, Callable[[], object]], device: torch.device, warmup: int = 1, repeats: int = 3
-) -> dict[str, float]:
-    """Median seconds per call of each zero-argument callable, measured in alternation so that
-    drift (thermal, other load) hits every side alike."""
+) -> dict[str, SideTimes]:
+    """Every timed call of each zero-argument callable, measured in alternation so that drift
+    (thermal, other load) hits every side alike, after ``warmup`` untimed rounds."""
     for _ in range(warmup):
         for fn in runs.values():
             fn()
     _sync(device)
-    times: dict[str, list[float]] = {name: [] for name in runs}
+    times = {name: SideTimes([], []) for name in runs}
     for _ in range(repeats):
         for name, fn in runs.items():
-            times[name].append(timed_call(fn, device))
-    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+            cpu = time.process_time()
+            times[name].wall.append(timed_call(fn, device))
+            times[name].cpu.append(time.process_time() - cpu)
+    return times
+
+
+def time_side_by_side(
+    runs: Mapping[str, Callable[[], object]], device: torch.device, warmup: int = 1, repeats: int = 3
+) -> dict[str, float]:
+    """Median seconds per call of each zero-argument callable (:func:`times_side_by_side`)."""
+    return {name: t.median for name, t in times_side_by_side(runs, device, warmup, repeats).items()}
 
 
 @functools.cache
@@ -133,18 +161,192 @@ def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> MemoryPea
 
 
 def backbone_flops(model, layout) -> float:
-    """Multiply-add FLOPs (x2) of ``model``'s blocks on ``layout``: linear layers scale with the
-    token count, attention with the sum of squared sequence lengths. Patch embedding excluded."""
+    """Multiply-add FLOPs (x2) of ``model``'s blocks on ``layout``: every linear layer of a block
+    (attention projections and whichever MLP the host has: ``fc1/fc2``, SAM's ``lin1/lin2``,
+    EVA-02's and DINOv2's gated ones) scales with the token count, attention with the sum of
+    squared sequence lengths. Patch embedding and heads (SAM's neck) excluded."""
     dim = model.embed_dim
-    mlp = model.blocks[0].mlp
-    hidden = (mlp.fc1 if hasattr(mlp, "fc1") else mlp.w1).out_features
-    mlp_matrices = 2 if hasattr(mlp, "fc1") else 3
-    per_token = 2 * (4 * dim * dim + mlp_matrices * dim * hidden)
     total = 0.0
     for block in model.blocks:
-        seqs = layout.windows if block.use_window else layout.images
+        per_token = 2 * sum(m.in_features * m.out_features for m in block.modules() if isinstance(m, nn.Linear))
+        seqs = layout.windows if getattr(block, "use_window", False) else layout.images
         total += per_token * layout.num_tokens + 4 * dim * float((seqs.lengths.astype("float64") ** 2).sum())
     return total
+
+
+# Host families whose models come from another library (built lazily, with a clear message when
+# it is missing): their images are prepared as that library's own pipeline does.
+HOST_FAMILIES = {"vit": "the ViTDet / EVA-02 letterbox", "sam": "SamPredictor's letterbox",
+                 "dinov2": "Depth Anything's image processor"}
+
+
+def host_family(host: str) -> str:
+    """``"sam"`` (Segment Anything's encoders), ``"dinov2"`` (DINOv2, Depth Anything) or ``"vit"``."""
+    from .presets import HOSTS
+
+    if host.startswith("sam_"):
+        return "sam"
+    return "dinov2" if HOSTS[host].get("block_type") == "dinov2" else "vit"
+
+
+def host_setting(host: str, default: str) -> str:
+    """The thresholds setting made for ``host``'s family (``sam``, ``depth``), else ``default``."""
+    return {"sam": "sam", "dinov2": "depth"}.get(host_family(host), default)
+
+
+def setting_label(setting: str) -> str:
+    """Where a setting of :data:`~apt_dense.presets.APT_SETTINGS` comes from, for tables and plots."""
+    return {"sam": "the SAM setting (calibrated on photos at SAM's 1024 canvas)",
+            "depth": "the depth setting (the paper's segmentation threshold translated to 14 px patches)",
+            }.get(setting, f"the paper's {setting} setting")
+
+
+def host_size(host: str, size: int | None, default: int) -> int:
+    """The canvas (SAM: its 1024, fixed by the checkpoints) or processor size (DINOv2: 518) of
+    ``host`` when ``size`` is None, else ``size``.
+
+    Raises:
+        ValueError: a SAM canvas other than the encoder's.
+    """
+    from .presets import HOSTS
+
+    family = host_family(host)
+    native = HOSTS[host]["img_size"]
+    if family == "sam" and size not in (None, native):
+        raise ValueError(f"--size {size}: SAM's image encoder takes {native} px canvases (its checkpoints fix the "
+                         f"position grid and SamPredictor resizes every image to it); drop --size")
+    return size or (native if family != "vit" else default)
+
+
+@functools.cache
+def _depth_processor(size: int):
+    try:
+        from transformers import DPTImageProcessor
+    except ImportError:
+        raise ImportError("DINOv2 / Depth Anything hosts need transformers: pip install 'apt-dense[transformers]'") from None
+    # Depth Anything V2's processor settings (keep the aspect ratio, sides multiples of 14, bicubic).
+    return DPTImageProcessor(size={"height": size, "width": size}, keep_aspect_ratio=True, ensure_multiple_of=14,
+                             resample=3, image_mean=[m / 255 for m in IMAGENET_PIXEL_MEAN],
+                             image_std=[s / 255 for s in IMAGENET_PIXEL_STD], do_pad=False)
+
+
+def host_image(host: str, image, size: int, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """An ``(H, W, 3)`` uint8 RGB photo as ``host``'s own pipeline feeds the model.
+
+    ``vit``: letterboxed to a ``size`` square (ViTDet's LSJ, padded with the mean colour);
+    ``sam``: ``SamPredictor``'s letterbox (:func:`apt_dense.sam.sam_input`: the longest side
+    resized to ``size``, normalised, zeros bottom/right); ``dinov2``: Depth Anything's image
+    processor (shorter side about ``size``, aspect kept, sides multiples of 14; no padding).
+    All are normalised with the ImageNet statistics (SAM's too).
+
+    Returns:
+        ``(raw, normalised)``, both ``(3, H, W)`` float32: ``normalised`` is the model's input;
+        ``raw`` the same image on the 0..255 scale with the normalisation undone (padding is the
+        mean colour), padded with the mean colour to a multiple of ``multiple`` (the largest
+        patch), which is what the planner scores.
+    """
+    from .sample_images import letterbox, normalise
+
+    family = host_family(host)
+    if family == "vit":
+        raw = letterbox(image, size, IMAGENET_PIXEL_MEAN)[0]
+        return raw, normalise(raw[None], IMAGENET_PIXEL_MEAN, IMAGENET_PIXEL_STD)[0]
+    if family == "sam":
+        try:
+            from .sam import sam_input
+        except ImportError as err:
+            raise ImportError(f"{host} needs segment-anything: pip install 'apt-dense[sam]' ({err})") from None
+        x = sam_input(image, size)[0][0]
+    else:
+        x = _depth_processor(size)(images=image, return_tensors="pt").pixel_values[0]
+    mean = torch.tensor(IMAGENET_PIXEL_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_PIXEL_STD).view(3, 1, 1)
+    h, w = x.shape[-2:]
+    raw = torch.nn.functional.pad(x, (0, -w % multiple, 0, -h % multiple)) * std + mean
+    return raw, x
+
+
+def padded_to(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """``(..., H, W)`` zero-padded bottom/right to multiples of ``multiple``, as the APT models
+    pad inputs of other sizes (zeros in normalised inputs: the mean colour)."""
+    return torch.nn.functional.pad(x, (0, -x.shape[-1] % multiple, 0, -x.shape[-2] % multiple))
+
+
+def apt_engine(model: nn.Module):
+    """The :class:`~apt_dense.APTViT` that runs an APT model (``planner``, ``blocks``,
+    ``compile_blocks``): the model itself, or an ``APTDinov2Backbone``'s ``apt``."""
+    return getattr(model, "apt", model)
+
+
+def apt_layout(model: nn.Module, x: torch.Tensor):
+    """The layout an APT model plans for the normalised batch ``x`` (padded as it pads)."""
+    engine = apt_engine(model)
+    return engine.planner(padded_to(x, engine.size_divisibility))
+
+
+def dense_layout(model: nn.Module, x: torch.Tensor):
+    """The layout of the dense model beside an APT model: every cell of ``x`` a base patch."""
+    engine = apt_engine(model)
+    planner = TokenPlanner(patch_size=engine.patch_size, window_size=engine.window_size, adaptive=False)
+    return planner(x.new_zeros(1, x.shape[1], x.shape[-2] // engine.patch_size * engine.patch_size,
+                               x.shape[-1] // engine.patch_size * engine.patch_size).expand(x.shape[0], -1, -1, -1))
+
+
+def dinov2_config(host: str, depth: int | None = None, out_indices=None):
+    """transformers' ``Dinov2Config`` of ``host``'s shapes at 518 px, the feature maps as
+    sequences (as Depth Anything reads them); ``depth``: fewer blocks, the last four read."""
+    from transformers import Dinov2Config
+
+    from .presets import HOSTS
+
+    shape = HOSTS[host]
+    layers = depth or shape["depth"]
+    stages = [i + 1 for i in shape["out_indices"]] if depth is None else list(range(layers - 3, layers + 1))
+    return Dinov2Config(hidden_size=shape["embed_dim"], num_hidden_layers=layers, num_attention_heads=shape["num_heads"],
+                        image_size=518, patch_size=14, out_indices=stages, reshape_hidden_states=False)
+
+
+def backbone_builder(host: str, thresholds, **overrides) -> Callable[[bool], nn.Module]:
+    """``build(adaptive)`` of any host's backbone at the tools' backbone level, seeded so that
+    both sides get the same weights: :func:`model_builder`'s ``APTViT`` for ``vit`` hosts;
+    Segment Anything's own ``ImageEncoderViT`` (dense) and :class:`~apt_dense.sam.APTImageEncoderViT`
+    (APT) for ``sam`` hosts; transformers' ``Dinov2Backbone`` and
+    :class:`~apt_dense.transformers.APTDinov2Backbone` for ``dinov2`` hosts. ``overrides``:
+    ``depth``, ``attention_backend`` (others only for ``vit`` hosts)."""
+    family = host_family(host)
+    if family == "vit":
+        return model_builder(host, thresholds, **overrides)
+    depth, backend = overrides.get("depth"), overrides.get("attention_backend", "auto")
+    if family == "sam":
+        return lambda adaptive: sam_builder(host, thresholds, depth=depth, attention_backend=backend)(adaptive).image_encoder
+
+    def build(adaptive: bool) -> nn.Module:
+        try:
+            from transformers import Dinov2Backbone
+
+            from .transformers import APTDinov2Backbone
+        except ImportError as err:
+            raise ImportError(f"{host} needs transformers 5: pip install 'apt-dense[transformers]' ({err})") from None
+        dense = Dinov2Backbone(dinov2_config(host, depth)).eval()
+        return APTDinov2Backbone.from_dense(dense, thresholds=thresholds, attention_backend=backend) if adaptive else dense
+
+    return build
+
+
+def sam_builder(host: str, thresholds, *, depth: int | None = None, attention_backend: str = "auto"):
+    """``build(adaptive)``: a whole ``Sam`` of ``host``'s shape (random weights, eval mode),
+    segment-anything's own (dense) or with the APT image encoder swapped in (pair them with
+    :func:`same_weights_pair`)."""
+    try:
+        from .sam import build_dense_sam, swap_image_encoder
+    except ImportError as err:
+        raise ImportError(f"{host} needs segment-anything: pip install 'apt-dense[sam]' ({err})") from None
+
+    def build(adaptive: bool) -> nn.Module:
+        sam = build_dense_sam(host.removeprefix("sam_"), depth=depth).eval()
+        return swap_image_encoder(sam, thresholds=thresholds, attention_backend=attention_backend) if adaptive else sam
+
+    return build
 
 
 def model_builder(host: str, thresholds, **overrides) -> Callable[[bool], nn.Module]:
@@ -177,18 +379,24 @@ def build_model_pair(host: str, thresholds, *, seed: int = 0, **overrides):
 
 def same_weights_pair(build: Callable[[bool], nn.Module], *, seed: int = 0) -> tuple[nn.Module, nn.Module]:
     """``(apt, dense)`` from ``build(adaptive)`` (a backbone or a whole model holding one), in eval
-    mode, the dense side given the APT side's weights (its APT layers unused)."""
+    mode, the dense side given the APT side's weights: all of them for an APT model with adaptive
+    patching off (its APT layers unused); all but the APT layers for a host library's own model
+    (SAM's encoder, transformers' DINOv2), whose keys APT's share."""
     torch.manual_seed(seed)
     apt = build(True).eval()
     dense = build(False).eval()
-    dense.load_state_dict(apt.state_dict())
+    weights = apt.state_dict()
+    missing = [key for key in dense.state_dict() if key not in weights]
+    if missing:
+        raise ValueError(f"the dense model has weights the APT model lacks: {missing[:5]}")
+    dense.load_state_dict({key: weights[key] for key in dense.state_dict()})
     return apt, dense
 
 
 def build_planner(
     thresholds: Mapping[int, float],
     *,
-    img_size: int,
+    img_size: int | None,
     patch_size: int = 16,
     window_size: int = 0,
     scorer: str = "entropy",
@@ -198,6 +406,8 @@ def build_planner(
     """The :class:`TokenPlanner` of any host with this patch size, thresholds and windows (weights
     play no part in patching), for tools that only look at layouts.
 
+    ``img_size`` None: images of any size, padded to the largest patch (DINOv2's).
+
     Raises:
         ValueError: naming the problem, for bad thresholds, a window that is not a multiple of
             the largest patch, or an ``img_size`` that is not a multiple of it.
@@ -205,7 +415,7 @@ def build_planner(
     planner = TokenPlanner(patch_size=patch_size, thresholds=thresholds, window_size=window_size, scorer=scorer,
                            pixel_mean=pixel_mean, pixel_std=pixel_std)
     unit = planner.size_divisibility
-    if img_size % unit:
+    if img_size is not None and img_size % unit:
         lower, upper = img_size // unit * unit, -(-img_size // unit) * unit
         raise ValueError(f"size {img_size} px is not a multiple of the largest patch ({unit} px) of thresholds "
                          f"{planner.schedule.threshold_map()}; use " + (f"{lower} or {upper}" if lower else f"{upper}"))
@@ -234,11 +444,13 @@ def host_window(host: str, window: int | None = None, depth: int | None = None) 
 
 def host_planner(host: str, thresholds: Mapping[int, float], *, img_size: int, window: int | None = None,
                  depth: int | None = None, scorer: str = "entropy") -> TokenPlanner:
-    """:func:`build_planner` for a host preset's patch size and windows (see :func:`host_window`)."""
+    """:func:`build_planner` for a host preset's patch size and windows (see :func:`host_window`);
+    for DINOv2 hosts, whose images are padded to the largest patch, ``img_size`` is not checked."""
     from .presets import HOSTS
 
-    return build_planner(thresholds, img_size=img_size, patch_size=HOSTS[host]["patch_size"],
-                         window_size=host_window(host, window, depth), scorer=scorer)
+    return build_planner(thresholds, img_size=None if host_family(host) == "dinov2" else img_size,
+                         patch_size=HOSTS[host]["patch_size"], window_size=host_window(host, window, depth),
+                         scorer=scorer)
 
 
 # Argument types for the tools' argparse parsers: a bad value becomes a one-line usage error.

@@ -243,7 +243,7 @@ TINY_BENCHMARK = ["--size", "64", "--depth", "1", "--repeats", "1", "--warmup", 
 def test_benchmark_checks_its_outputs_before_measuring(tmp_path, monkeypatch, capsys, argv, message):
     (tmp_path / "a_file").write_text("x")
     (tmp_path / "taken.json").mkdir()
-    monkeypatch.setattr(benchmark, "time_side_by_side", lambda *a, **k: pytest.fail("measured"))
+    monkeypatch.setattr(benchmark, "times_side_by_side", lambda *a, **k: pytest.fail("measured"))
     argv = TINY_BENCHMARK + [a.format(tmp=tmp_path) for a in argv]
     assert message.format(tmp=tmp_path) in usage_error(lambda: benchmark.main(argv), capsys)
 

@@ -138,7 +138,15 @@ def test_benchmark_argument_errors_are_one_line(argv, message, capsys):
     (["--window", "3"], "--window 3: eva02_b_seg has no windowed blocks (global attention only)"),
     (["--host", "eva02_b_det", "--depth", "1", "--size", "1024", "--setting", "detection", "--window", "8"], None),
     (["--host", "vitdet_b", "--window", "3", "--thresholds", '{"32": 2}'], "window_size 3 cells (48 px) is not a multiple"),
-    (["--host", "sam_vit_b", "--level", "full"], "--level full has models for"),
+    (["--host", "dinov2_b", "--level", "full"], "--level full has models for"),
+    (["--host", "sam_vit_b", "--size", "512"], "--size 512: SAM's image encoder takes 1024 px canvases"),
+    (["--host", "sam_vit_b", "--window", "7"], "--window: sam_vit_b's windows are the host model's own"),
+    (["--host", "sam_vit_b", "--thresholds", '{"32": 2, "64": 2}'], "window_size 14 cells (224 px) is not a multiple"),
+    (["--host", "sam_vit_b", "--level", "full", "--batch", "2"], "one image per SamPredictor.set_image"),
+    (["--host", "depth_anything_v2_b", "--batch", "2"], "takes images at their own sizes"),
+    (["--host", "depth_anything_v2_b", "--depth", "2"], "use --depth 4 or more"),
+    (["--compile-backend", "eager"], "--compile-backend eager chooses torch.compile's backend: add --compile"),
+    (["--compile", "--compile-backend", "nonsense"], "--compile-backend nonsense: not a torch.compile backend here"),
 ])
 def test_benchmark_device_backend_and_window_errors(argv, message, capsys):
     if message is None:  # a windowed host keeps its window in its first block
@@ -157,7 +165,7 @@ def test_benchmark_checks_every_configuration_before_measuring(tmp_path, monkeyp
     def no_timing(*args, **kwargs):
         raise AssertionError("measured before checking every configuration")
 
-    monkeypatch.setattr(benchmark, "time_side_by_side", no_timing)
+    monkeypatch.setattr(benchmark, "times_side_by_side", no_timing)
     argv = ["--size", "256", "--depth", "1", "--thresholds", '{"32": 2}', "--thresholds", '{"32": 1, "64": 1, "96": 1}',
             "--output-dir", str(tmp_path)]
     assert "configuration" in argument_error(benchmark.main, argv, capsys)

@@ -6,6 +6,17 @@
     python tools/benchmark.py --host eva02_b_seg --size 512 --level full      # + UperNet (mmseg)
     python tools/benchmark.py --host vitdet_b --size 1024 --setting detection --level full --framework mmdet
     python tools/benchmark.py --images coco/val2017 --limit 64 --batch 8
+    python tools/benchmark.py --host sam_vit_b --level full        # SamPredictor.set_image + predict
+    python tools/benchmark.py --host depth_anything_v2_l --level full --threads 1
+
+Images are prepared as each host's own pipeline does: ViTDet / EVA-02 hosts letterboxed to a
+``--size`` square; SAM hosts (``sam_vit_b|l|h``) as ``SamPredictor.set_image`` does (longest side
+1024, normalised, zeros bottom/right), encoder alone (``--level backbone``) or ``set_image`` +
+``predict`` with a few point prompts (``--level full``); DINOv2 / Depth Anything hosts as Depth
+Anything's image processor does (about 518 px, aspect kept, sides multiples of 14; one image per
+batch), backbone alone or the whole ``DepthAnythingForDepthEstimation``. For SAM and DINOv2 hosts
+the dense side is the host library's own model (segment-anything's, transformers') with the same
+random weights; the APT side is it with APT swapped in.
 
 Each configuration (a thresholds map) is one row: tokens kept (mean/min/max), img/s of both sides,
 speedup, the ideal speedup for the tokens kept (FLOP ratio), achieved/ideal, time spent in
@@ -25,13 +36,17 @@ keeps the rows measured so far.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import datetime as dt
 import json
 import logging
+import os
 import platform
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -39,14 +54,14 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 from apt_dense.attention import BACKENDS, resolve_backend
 from apt_dense.benchmarking import (
-    backbone_flops, host_planner, host_window, image_folder, model_builder, non_negative_float, non_negative_int, output_path,
-    peak_memory_mib,
-    positive_int, process_peak_rss_mib, same_weights_pair, thresholds_json, time_side_by_side, timed_call,
-    torch_device,
+    apt_engine, apt_layout, backbone_builder, backbone_flops, dense_layout, dinov2_config, host_family, host_image,
+    host_planner, host_setting, host_size, host_window, image_folder, non_negative_float, non_negative_int,
+    output_path, peak_memory_mib, positive_int, process_peak_rss_mib, same_weights_pair, sam_builder, setting_label,
+    thresholds_json, time_side_by_side, timed_call, times_side_by_side, torch_device,
 )
 from apt_dense.outputs import atomic_write, check_output_file, check_output_folder, ctrl_c_deferred, write_error
 from apt_dense.presets import APT_SETTINGS, HOSTS, IMAGENET_PIXEL_MEAN, IMAGENET_PIXEL_STD
-from apt_dense.sample_images import image_source, letterbox, normalise
+from apt_dense.sample_images import image_source
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,11 +70,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", default="eva02_b_seg", choices=sorted(HOSTS), help="host architecture preset")
-    p.add_argument("--size", type=positive_int, default=512,
-                   help="square canvas (ViTDet-style letterbox), a multiple of the largest patch")
+    p.add_argument("--size", type=positive_int, default=None,
+                   help="square canvas (ViTDet-style letterbox), a multiple of the largest patch (default 512); "
+                        "SAM: its 1024 canvas; DINOv2 / Depth Anything: the processor's size (default 518)")
     p.add_argument("--window", type=positive_int, default=None, help="window size in cells (default: the host's)")
     p.add_argument("--depth", type=positive_int, default=None, help="fewer blocks (quick runs)")
-    p.add_argument("--setting", default="segmentation", choices=sorted(APT_SETTINGS), help="paper thresholds")
+    p.add_argument("--setting", default=None, choices=sorted(APT_SETTINGS),
+                   help="base thresholds (default: sam for SAM hosts, depth for DINOv2 hosts, else segmentation)")
     p.add_argument("--scales", type=non_negative_float, nargs="+", default=[0.0, 0.8, 1.0, 1.15],
                    help="configurations: the setting's thresholds times each scale (0 = merging off)")
     p.add_argument("--thresholds", action="append", type=thresholds_json, default=None,
@@ -70,15 +87,22 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=positive_int, default=None, help="images per forward (default: all)")
     p.add_argument("--level", choices=["backbone", "full"], default="backbone",
                    help="full: the whole model, UperNet (mmseg) for *_seg hosts, Cascade / Mask R-CNN (--framework) "
-                        "for detection hosts; the ideal then counts the heads' FLOPs")
+                        "for detection hosts, SamPredictor.set_image + predict for sam_* hosts, "
+                        "DepthAnythingForDepthEstimation for depth_anything_v2_* hosts; the ideal then counts the "
+                        "heads' FLOPs")
     p.add_argument("--framework", choices=sorted(DET_CONFIGS), default=None,
                    help="detector framework for --level full with a detection host (default: detectron2)")
     p.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     p.add_argument("--compile", action="store_true",
-                   help="both sides' blocks through torch.compile (APTViT.compile_blocks, inductor): the first batch "
+                   help="both sides' blocks through torch.compile (APTViT.compile_blocks): the first batch "
                         "compiles and is timed as compile time; later batches that recompile are counted")
+    p.add_argument("--compile-backend", default=None,
+                   help="torch.compile backend with --compile (default inductor; eager checks the wiring quickly)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch threads (default: torch's); 1 makes the CPU-time speedup robust to other processes "
+                        "on a shared machine (no spin-waiting threads)")
     p.add_argument("--stream", action="store_true",
                    help="a stream of different batches: every image also as two 60%% crops (3x the images, each "
                         "batch with its own token counts); use with --batch")
@@ -95,10 +119,15 @@ def parse_args(argv=None):
     p.add_argument("--memory-configuration", type=non_negative_int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     try:
+        args.size = host_size(args.host, args.size, 512)
+        args.setting = args.setting or host_setting(args.host, "segmentation")
         check(args)
     except ValueError as err:
         p.error(str(err))
     return args
+
+
+FULL_HOSTS = {"sam": "sam_vit_b, sam_vit_l, sam_vit_h", "dinov2": "depth_anything_v2_s, depth_anything_v2_b, depth_anything_v2_l"}
 
 
 def check(args) -> None:
@@ -108,9 +137,27 @@ def check(args) -> None:
     if args.framework is not None and (args.level != "full" or args.host not in DET_CONFIGS["detectron2"]):
         raise ValueError(f"--framework chooses the detector for --level full with a detection host "
                          f"({', '.join(sorted(DET_CONFIGS['detectron2']))}); drop it or add --level full")
-    if args.level == "full" and args.host not in SEG_CONFIGS and args.host not in DET_CONFIGS["detectron2"]:
-        raise ValueError(f"--level full has models for {', '.join(sorted([*SEG_CONFIGS, *DET_CONFIGS['detectron2']]))}; "
+    family = host_family(args.host)
+    full_hosts = [*SEG_CONFIGS, *DET_CONFIGS["detectron2"], *(h for h in HOSTS if h.startswith(("sam_", "depth_anything")))]
+    if args.level == "full" and args.host not in full_hosts:
+        raise ValueError(f"--level full has models for {', '.join(sorted(full_hosts))}; "
                          f"use one of those hosts, or --level backbone for {args.host}")
+    if args.compile_backend is not None:
+        import torch._dynamo
+
+        if not args.compile:
+            raise ValueError(f"--compile-backend {args.compile_backend} chooses torch.compile's backend: add --compile")
+        backends = torch._dynamo.list_backends(exclude_tags=())
+        if args.compile_backend not in backends:
+            raise ValueError(f"--compile-backend {args.compile_backend}: not a torch.compile backend here; "
+                             f"choose one of {', '.join(backends)}")
+    if family != "vit" and args.window is not None:
+        raise ValueError(f"--window: {args.host}'s windows are the host model's own; drop --window")
+    if (family == "dinov2" or (family == "sam" and args.level == "full")) and (args.batch or 1) != 1:
+        what = "images at their own sizes" if family == "dinov2" else "one image per SamPredictor.set_image"
+        raise ValueError(f"--batch {args.batch}: {args.host} takes {what}; drop --batch")
+    if family == "dinov2" and args.depth is not None and args.depth < 4:
+        raise ValueError(f"--depth {args.depth}: DINOv2 hosts read four blocks' outputs; use --depth 4 or more")
     host = HOSTS[args.host]
     if args.attention_backend != "auto":
         try:
@@ -162,8 +209,18 @@ def configurations(args) -> list[dict[int, float]]:
     return [{size: round(value * scale, 4) for size, value in base.items()} for scale in args.scales]
 
 
-def load_images(args) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    """Names, raw 0..255 letterboxed canvases and their normalised versions ``(N, 3, S, S)``.
+class Images(NamedTuple):
+    """The photos (``(H, W, 3)`` uint8, by name), and per batch the model inputs (normalised)
+    and raw 0..255 canvases (the detectors' inputs), each ``(B, 3, H, W)``."""
+
+    photos: dict[str, np.ndarray]
+    batches: list[torch.Tensor]
+    raw_batches: list[torch.Tensor]
+
+
+def load_images(args) -> Images:
+    """The photos prepared as the host's pipeline does (:func:`apt_dense.benchmarking.host_image`),
+    in batches of ``--batch`` (DINOv2 hosts: one image per batch, each at its own size).
 
     Raises:
         ValueError: no image of the folder could be read.
@@ -174,9 +231,11 @@ def load_images(args) -> tuple[list[str], torch.Tensor, torch.Tensor]:
             h, w = photo.shape[:2]
             photos[f"{name} top-left"] = np.ascontiguousarray(photo[: h * 3 // 5, : w * 3 // 5])
             photos[f"{name} bottom-right"] = np.ascontiguousarray(photo[h * 2 // 5 :, w * 2 // 5 :])
-    names = list(photos)
-    raw = torch.stack([letterbox(photos[name], args.size, IMAGENET_PIXEL_MEAN)[0] for name in names])
-    return names, raw, normalise(raw, IMAGENET_PIXEL_MEAN, IMAGENET_PIXEL_STD)
+    prepared = [host_image(args.host, photo, args.size) for photo in photos.values()]
+    one_by_one = host_family(args.host) == "dinov2" or (host_family(args.host) == "sam" and args.level == "full")
+    batch = args.batch or (1 if one_by_one else len(photos))
+    stacked = [[torch.stack(side) for side in zip(*prepared[i : i + batch])] for i in range(0, len(prepared), batch)]
+    return Images(photos, [x.to(args.device) for _, x in stacked], [raw.to(args.device) for raw, _ in stacked])
 
 
 SEG_CONFIGS = {"eva02_b_seg": "apt_upernet_eva02_b_512_ade20k.py", "eva02_l_seg": "apt_upernet_eva02_l_512_ade20k.py"}
@@ -321,49 +380,169 @@ def flops_of(fn) -> float:
     return float(counter.get_total_flops())
 
 
+@contextlib.contextmanager
+def frozen(model: torch.nn.Module):
+    """``model``'s parameters not trainable meanwhile: FlopCounterMode's module tracker fails on a
+    view of a trainable parameter made under no_grad (SAM's prompt encoder returns one)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for param in trainable:
+        param.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for param in trainable:
+            param.requires_grad_(True)
+
+
 def time_layout(model, images, repeats: int, device: torch.device) -> float:
     """Median seconds of scoring + selection + packing for one batch."""
-    return time_side_by_side({"layout": lambda: model.planner(images)}, device, warmup=0, repeats=repeats)["layout"]
+    return time_side_by_side({"layout": lambda: apt_layout(model, images)}, device, warmup=0, repeats=repeats)["layout"]
 
 
-def train_step(model, images: torch.Tensor, autocast) -> None:
-    """One training step's forward + backward of an APTViT (a framework's adapter too: its
-    ``forward_features``) with every parameter trainable (the loss: the sum of its feature
-    maps); the gradients are dropped afterwards."""
-    for param in model.parameters():
+def train_step(level: "Level", model, images: torch.Tensor, autocast) -> None:
+    """One training step's forward + backward of a side's backbone (``level.backbone(model)``)
+    with every parameter trainable (the loss: the sum of its feature maps, ``level.features``);
+    the gradients are dropped afterwards."""
+    backbone = level.backbone(model)
+    for param in backbone.parameters():
         param.requires_grad_(True)
     with torch.enable_grad(), autocast:
-        loss = sum(feature.float().sum() for feature in model.forward_features(images).features)
+        loss = sum(feature.float().sum() for feature in level.features(backbone, images))
     loss.backward()
-    model.zero_grad(set_to_none=True)
+    backbone.zero_grad(set_to_none=True)
 
 
-def level_models(args, thresholds: dict, overrides: dict, batches, raw_batches):
-    """The models of the level: ``(build, backbone, step, inputs)``: ``build(adaptive)`` makes one
-    side, ``backbone(model)`` is where its APTViT sits, ``step(model, batch)`` runs one batch, and
-    ``inputs`` are the batches in the form ``step`` takes."""
-    level = level_label(args)
+class Level(NamedTuple):
+    """The models of a level: ``build(adaptive)`` makes one side; ``backbone(model)`` is the ViT
+    inside it (an APT model on the APT side, the host's own or APT with patching off on the
+    dense side); ``features(backbone, images)`` its feature maps (a list of tensors);
+    ``step(model, input)`` runs one input of ``inputs``, which are the batches (or photos) in the
+    form ``step`` takes; ``neck_flops(backbone)``: FLOPs per image of the part of the backbone's
+    output that is no block (SAM's neck), the same on both sides."""
+
+    build: Callable[[bool], torch.nn.Module]
+    backbone: Callable
+    features: Callable
+    step: Callable
+    inputs: list
+    neck_flops: Callable = lambda backbone: 0.0
+
+
+def apt_features(model, images: torch.Tensor) -> list[torch.Tensor]:
+    """An APTViT's (or a framework adapter's) feature maps."""
+    return model.forward_features(images).features
+
+
+def transformers_features(model, images: torch.Tensor) -> list[torch.Tensor]:
+    """A DINOv2 backbone's (transformers' or APT's) feature maps."""
+    return list(model(images).feature_maps)
+
+
+def sam_neck_flops(encoder) -> float:
+    """FLOPs of SAM's neck on one image's last block map."""
+    grid = encoder.img_size // encoder.patch_embed.proj.kernel_size[0]
+    first = encoder.neck[0]
+    return flops_of(lambda: encoder.neck(first.weight.new_zeros(1, first.in_channels, grid, grid)))
+
+
+# Point prompts of the SAM full level, as fractions of the image's width and height: one
+# SamPredictor.predict per point, three masks each (as an interactive user clicks).
+PROMPT_POINTS = ((0.25, 0.25), (0.75, 0.25), (0.5, 0.5), (0.25, 0.75))
+
+
+def sam_step(model, photo: np.ndarray) -> None:
+    """``SamPredictor.set_image`` on ``photo``, then ``predict`` for each of :data:`PROMPT_POINTS`."""
+    from segment_anything import SamPredictor
+
+    predictor = SamPredictor(model)
+    predictor.set_image(photo)
+    h, w = photo.shape[:2]
+    for fx, fy in PROMPT_POINTS:
+        predictor.predict(point_coords=np.array([[fx * w, fy * h]]), point_labels=np.array([1]), multimask_output=True)
+
+
+# Depth Anything V2's DPT necks (depth-anything/Depth-Anything-V2-{Small,Base,Large}-hf configs):
+# neck_hidden_sizes and fusion_hidden_size.
+DEPTH_NECKS = {
+    "depth_anything_v2_s": ([48, 96, 192, 384], 64),
+    "depth_anything_v2_b": ([96, 192, 384, 768], 128),
+    "depth_anything_v2_l": ([256, 512, 1024, 1024], 256),
+}
+
+
+def depth_anything_builder(args, thresholds: dict, overrides: dict):
+    """``build(adaptive)``: transformers' ``DepthAnythingForDepthEstimation`` with Depth Anything
+    V2's shapes for ``args.host``, with APT swapped in for the APT side."""
+    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation
+
+    from apt_dense.transformers import swap_to_apt
+
+    neck, fusion = DEPTH_NECKS[args.host]
+    config = DepthAnythingConfig(backbone_config=dinov2_config(args.host, overrides.get("depth")),
+                                 reassemble_hidden_size=HOSTS[args.host]["embed_dim"], neck_hidden_sizes=neck,
+                                 fusion_hidden_size=fusion)
+
+    def build(adaptive: bool):
+        model = DepthAnythingForDepthEstimation(copy.deepcopy(config)).eval()
+        return swap_to_apt(model, thresholds=thresholds, attention_backend=overrides["attention_backend"]) if adaptive else model
+
+    return build
+
+
+def level_models(args, thresholds: dict, overrides: dict, images: Images) -> Level:
+    """The models of the level (see :class:`Level`). DINOv2 hosts with every threshold 0 get base
+    patches only (``thresholds=None``): APT pads images to the largest patch only to merge."""
+    level, family = level_label(args), host_family(args.host)
+    if family == "dinov2" and not any(thresholds.values()):
+        thresholds = None
+    batches = images.batches
     if level == "full-detectron2":
-        return (detector_builder(args, thresholds, overrides), lambda m: m.backbone.net, lambda m, x: m(x),
-                detector_inputs(raw_batches))
+        return Level(detector_builder(args, thresholds, overrides), lambda m: m.backbone.net, apt_features,
+                     lambda m, x: m(x), detector_inputs(images.raw_batches))
     if level == "full-mmdet":
-        return (mmdet_detector_builder(args, thresholds, overrides), lambda m: m.backbone, lambda m, x: m.test_step(x),
-                mmdet_inputs(raw_batches))
+        return Level(mmdet_detector_builder(args, thresholds, overrides), lambda m: m.backbone, apt_features,
+                     lambda m, x: m.test_step(x), mmdet_inputs(images.raw_batches))
+    if level == "full" and family == "sam":
+        build = sam_builder(args.host, thresholds, depth=overrides.get("depth"),
+                            attention_backend=overrides["attention_backend"])
+        return Level(build, lambda m: m.image_encoder, lambda m, x: [m(x)], sam_step, list(images.photos.values()),
+                     sam_neck_flops)
+    if level == "full" and family == "dinov2":
+        return Level(depth_anything_builder(args, thresholds, overrides), lambda m: m.backbone, transformers_features,
+                     lambda m, x: m(pixel_values=x), batches)
     if level == "full":
-        return segmentor_builder(args, thresholds, overrides), lambda m: m.backbone, lambda m, x: m._forward(x), batches
-    return model_builder(args.host, thresholds, **overrides), lambda m: m, lambda m, x: m(x), batches
+        return Level(segmentor_builder(args, thresholds, overrides), lambda m: m.backbone, apt_features,
+                     lambda m, x: m._forward(x), batches)
+    build = backbone_builder(args.host, thresholds, **overrides)
+    if family == "sam":
+        return Level(build, lambda m: m, lambda m, x: [m(x)], lambda m, x: m(x), batches, sam_neck_flops)
+    if family == "dinov2":
+        return Level(build, lambda m: m, transformers_features, lambda m, x: m(x), batches)
+    return Level(build, lambda m: m, apt_features, lambda m, x: m(x), batches)
 
 
-def one_side_peak(args, build, backbone, step, inputs, batches, autocast) -> float | None:
+def compile_side(backbone, backend) -> None:
+    """Both sides' blocks through ``torch.compile``: an APT model's ``compile_blocks``; a host
+    library's own model (SAM's encoder, transformers' DINOv2) block by block."""
+    engine = apt_engine(backbone)
+    if hasattr(engine, "compile_blocks"):
+        engine.compile_blocks(backend=backend)
+        return
+    blocks = backbone.blocks if hasattr(backbone, "blocks") else backbone.encoder.layer
+    for block in blocks:
+        block.compile(backend=backend)
+
+
+def one_side_peak(args, level: Level, batches, autocast) -> float | None:
     """In a fresh process: the peak RSS of building one side (``--memory-of``) and running its
-    inference on every batch or its training step (``--memory-step``)."""
+    inference on every input or its training step (``--memory-step``)."""
     torch.manual_seed(0)
-    model = build(args.memory_of == "apt").eval().to(args.device)
+    model = level.build(args.memory_of == "apt").eval().to(args.device)
     with autocast:
         if args.memory_step == "inference":
-            [step(model, x) for x in inputs]
+            [level.step(model, x) for x in level.inputs]
     if args.memory_step == "train":
-        train_step(backbone(model), batches[0], autocast)
+        train_step(level, model, batches[0], autocast)
     return process_peak_rss_mib()
 
 
@@ -379,12 +558,20 @@ def peak_in_fresh_process(argv: list[str], configuration: int, side: str, step: 
     return json.loads(result.stdout.strip().splitlines()[-1])["peak_mib"]
 
 
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (None where the platform has none)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def environment(device: torch.device) -> dict:
     return dict(
         date=dt.datetime.now().isoformat(timespec="seconds"),
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU",
-        threads=torch.get_num_threads(), torch=torch.__version__, python=platform.python_version(),
-        memory="CUDA max allocated" if device.type == "cuda" else "peak RSS of the process",
+        threads=torch.get_num_threads(), cpus=os.cpu_count(), load_before=load_average(), torch=torch.__version__,
+        python=platform.python_version(), memory="CUDA max allocated" if device.type == "cuda" else "peak RSS of the process",
     )
 
 
@@ -401,24 +588,37 @@ def mib_pair(row: dict, key: str) -> str:
 
 
 def results_table(env: dict, args, rows: list[dict]) -> str:
+    load = "/".join(f"{x:g}" for x in env["load_before"] or []) or "n/a"
+    depth = rows[0]["depth"] if rows else None
+    full_depth = HOSTS[args.host]["depth"]
+    blocks = f"{depth} of {full_depth} blocks, " if depth is not None and depth != full_depth else ""
     lines = [
-        f"{env['device']} ({env['threads']} threads), torch {env['torch']}, {args.dtype}, {level_label(args)}, "
-        f"{args.host} at {args.size}, batch {args.batch or 'all'}, {env['date']}; memory: {env['memory']}",
+        f"{env['device']} ({env['threads']} threads of {env['cpus']} CPUs, load {load} before), torch {env['torch']}, "
+        f"{args.dtype}, {level_label(args)}, {args.host} at {args.size} ({blocks}{pipeline(args)}), "
+        f"batch {args.batch or 'all'}, {env['date']}; memory: {env['memory']}",
         "",
-        "| thresholds | tokens kept mean (min-max) | dense img/s | APT img/s | speedup | ideal | achieved/ideal | scoring+layout "
-        "| inference peak MiB (added) dense/APT | train step peak MiB (added) dense/APT |"
+        "| thresholds | tokens kept mean (min-max) | dense img/s | APT img/s | speedup | fastest runs / CPU time | ideal "
+        "| achieved/ideal | scoring+layout | inference peak MiB (added) dense/APT | train step peak MiB (added) dense/APT |"
         + (" compile s dense/APT | recompiles dense/APT |" if args.compile else ""),
-        "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if args.compile else ""),
+        "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if args.compile else ""),
     ]
     for r in rows:
         compiled = (f" {r['dense_compile_s']:.0f}/{r['apt_compile_s']:.0f} | {r['dense_recompiles']}/{r['apt_recompiles']} |"
                     if args.compile else "")
         lines.append(
             f"| {r['thresholds']} | {r['kept_mean']:.1%} ({r['kept_min']:.1%}-{r['kept_max']:.1%}) | {r['dense_img_s']:.3f} | "
-            f"{r['apt_img_s']:.3f} | {r['speedup']:.2f}x | {r['ideal_speedup']:.2f}x | {r['achieved_over_ideal']:.2f} | "
+            f"{r['apt_img_s']:.3f} | {r['speedup']:.2f}x | {r['speedup_of_fastest']:.2f}x / {r['cpu_speedup']:.2f}x | "
+            f"{r['ideal_speedup']:.2f}x | {r['achieved_over_ideal']:.2f} | "
             f"{r['layout_fraction']:.1%} | {mib_pair(r, 'peak_mib')} | {mib_pair(r, 'train_peak_mib')} |{compiled}"
         )
     return "\n".join(lines) + "\n"
+
+
+def pipeline(args) -> str:
+    """How the images were prepared and what the dense side is."""
+    return {"vit": "letterboxed, the dense side APT with patching off",
+            "sam": "letterboxed as SamPredictor does, the dense side segment-anything's own",
+            "dinov2": "Depth Anything's processor, the dense side transformers' own"}[host_family(args.host)]
 
 
 def write_outputs(paths: dict[str, Path], env: dict, args, rows: list[dict]) -> list[Path]:
@@ -443,12 +643,12 @@ def write_outputs(paths: dict[str, Path], env: dict, args, rows: list[dict]) -> 
     fig, ax = plt.subplots(figsize=(6, 4.4))
     ax.plot(kept, [rows[i]["ideal_speedup"] for i in order], "o--", color="tab:grey", label="ideal (FLOP ratio)")
     ax.plot(kept, [rows[i]["speedup"] for i in order], "s-", color="tab:blue", label="measured")
-    paper = {str(k): round(v, 4) for k, v in APT_SETTINGS[args.setting].items()}
-    paper_text = ", ".join(f"{k} px: {v:g}" for k, v in paper.items())
+    setting = {str(k): round(v, 4) for k, v in APT_SETTINGS[args.setting].items()}
+    setting_text = ", ".join(f"{k} px: {v:g}" for k, v in setting.items())
     for r in rows:
-        if r["thresholds"] == paper:
+        if r["thresholds"] == setting:
             ax.plot([100 * r["kept_mean"]], [r["speedup"]], "*", ms=16, color="tab:red",
-                    label=f"the paper's {args.setting} setting ({paper_text})")
+                    label=f"{setting_label(args.setting)} ({setting_text})")
     ax.axhline(1.0, color="black", lw=0.8)
     ax.set_xlabel("tokens kept (% of dense, mean over images)")
     ax.set_ylabel("speedup over dense (x)")
@@ -466,7 +666,7 @@ def write_outputs(paths: dict[str, Path], env: dict, args, rows: list[dict]) -> 
     return written + [paths["png"]]
 
 
-def memory_columns(args, sides: dict, backbone, calls: dict, batches, run, autocast, argv: list[str],
+def memory_columns(args, sides: dict, level: Level, calls: dict, batches, run, autocast, argv: list[str],
                    configuration: int) -> dict:
     """``peak_mib_<side>`` (inference on every batch) and ``train_peak_mib_<side>`` (a training
     step of the backbone on the first batch; not with ``--compile``, where it would compile the
@@ -477,7 +677,7 @@ def memory_columns(args, sides: dict, backbone, calls: dict, batches, run, autoc
     for name in ("dense", "apt"):
         measured[f"peak_mib_{name}"] = peak_memory_mib(lambda: run(calls[name]), args.device)
         measured[f"train_peak_mib_{name}"] = None if args.compile else peak_memory_mib(
-            lambda: train_step(backbone(sides[name]), batches[0], autocast), args.device)
+            lambda: train_step(level, sides[name], batches[0], autocast), args.device)
     if measured["peak_mib_dense"] is not None:
         memory = {key: None if value is None else value.peak for key, value in measured.items()}
         memory.update({key.replace("peak", "start"): None if value is None else value.start
@@ -495,43 +695,48 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = args.device
     try:
-        names, raw_images, images = load_images(args)
-    except ValueError as err:  # e.g. no readable images in the folder
+        images = load_images(args)
+    except (ValueError, ImportError) as err:  # e.g. no readable images in the folder, a library missing
         raise SystemExit(f"error: {err}") from None
-    batch = args.batch or len(names)
-    batches = [images[i : i + batch].to(device) for i in range(0, len(names), batch)]
-    raw_batches = [raw_images[i : i + batch].to(device) for i in range(0, len(names), batch)]
+    names, batches = list(images.photos), images.batches
     env = environment(device)
     autocast = torch.autocast(device.type, dtype=DTYPES[args.dtype], enabled=args.dtype != "fp32")
-    overrides = dict(img_size=args.size, pixel_mean=IMAGENET_PIXEL_MEAN, pixel_std=IMAGENET_PIXEL_STD,
-                     attention_backend=args.attention_backend)
+    overrides = dict(attention_backend=args.attention_backend)
+    if host_family(args.host) == "vit":
+        overrides.update(img_size=args.size, pixel_mean=IMAGENET_PIXEL_MEAN, pixel_std=IMAGENET_PIXEL_STD)
     if args.window is not None:
         overrides["window_size"] = args.window
     if args.depth is not None:
         overrides["depth"] = args.depth
     configs = configurations(args)
     if args.memory_of is not None:
-        models = level_models(args, configs[args.memory_configuration], overrides, batches, raw_batches)
-        print(json.dumps({"peak_mib": one_side_peak(args, *models, batches, autocast)}))
+        level = level_models(args, configs[args.memory_configuration], overrides, images)
+        print(json.dumps({"peak_mib": one_side_peak(args, level, batches, autocast)}))
         return 0
     rows: list[dict] = []
     head: float | None = None
-    print(f"{len(names)} images, {len(configs)} configurations, {env['device']}, torch {env['torch']}")
+    print(f"{len(names)} images, {len(configs)} configurations, {env['device']}, {env['threads']} threads, "
+          f"torch {env['torch']}, load {env['load_before']}", flush=True)
     try:
         for index, thresholds in enumerate(configs, start=1):
-            build, backbone, step, inputs = level_models(args, thresholds, overrides, batches, raw_batches)
-            sides = dict(zip(("apt", "dense"), (m.to(device) for m in same_weights_pair(build))))
-            apt, dense = backbone(sides["apt"]), backbone(sides["dense"])
-            # Each side: a zero-argument call that runs every batch, and one that runs the first.
-            calls = {name: (lambda m=model: [step(m, x) for x in inputs]) for name, model in sides.items()}
-            first = {name: (lambda m=model: step(m, inputs[0])) for name, model in sides.items()}
+            level = level_models(args, thresholds, overrides, images)
+            sides = dict(zip(("apt", "dense"), (m.to(device) for m in same_weights_pair(level.build))))
+            apt, dense = level.backbone(sides["apt"]), level.backbone(sides["dense"])
+            engine = apt_engine(apt)
+            # Each side: a zero-argument call that runs every input, and one that runs the first.
+            calls = {name: (lambda m=model: [level.step(m, x) for x in level.inputs]) for name, model in sides.items()}
+            first = {name: (lambda m=model: level.step(m, level.inputs[0])) for name, model in sides.items()}
             if head is None:
-                # The heads: everything the whole model counts beyond its ViT. The same on both sides
-                # and for every configuration (the dense side does not depend on the thresholds).
-                head = 0.0 if args.level == "backbone" else (
-                    flops_of(calls["dense"]) - sum(flops_of(lambda x=x: dense(x)) for x in batches))
+                # Everything the model computes beyond the ViT's blocks: the heads (the whole model
+                # minus its backbone) and the backbone's neck. The same on both sides and for
+                # every configuration (the dense side does not depend on the thresholds).
+                with frozen(sides["dense"]):
+                    head = len(names) * level.neck_flops(dense) + (0.0 if args.level == "backbone" else (
+                        flops_of(calls["dense"]) - sum(flops_of(lambda x=x: dense(x)) for x in batches)))
 
             def run(call):
                 with autocast:
@@ -542,19 +747,21 @@ def main(argv=None) -> int:
                 # Entries of earlier configurations would count towards dynamo's recompile limit.
                 torch._dynamo.reset()
                 for name, model in (("dense", dense), ("apt", apt)):
-                    counter = CompileCounterWithBackend("inductor")
-                    model.compile_blocks(backend=counter)
+                    counter = CompileCounterWithBackend(args.compile_backend or "inductor")
+                    compile_side(model, counter)
                     first_seconds = timed_call(lambda: run(first[name]), device)
                     compiled[name] = (counter, counter.frame_count, first_seconds)
 
-            layouts = [apt.planner(x) for x in batches]
-            dense_layouts = [dense.planner(x) for x in batches]
-            kept = np.concatenate([layout.kept_fraction for layout in layouts])
-            ideal = (sum(backbone_flops(apt, d) for d in dense_layouts) + head) / (
-                sum(backbone_flops(apt, a) for a in layouts) + head
+            layouts = [apt_layout(apt, x) for x in batches]
+            dense_layouts = [dense_layout(apt, x) for x in batches]
+            kept = np.concatenate([np.asarray(a.tokens_per_image_host) / np.asarray(d.tokens_per_image_host)
+                                   for a, d in zip(layouts, dense_layouts)])
+            ideal = (sum(backbone_flops(engine, d) for d in dense_layouts) + head) / (
+                sum(backbone_flops(engine, a) for a in layouts) + head
             )
-            seconds = time_side_by_side({"dense": lambda: run(calls["dense"]), "apt": lambda: run(calls["apt"])}, device,
-                                        warmup=args.warmup, repeats=args.repeats)
+            times = times_side_by_side({"dense": lambda: run(calls["dense"]), "apt": lambda: run(calls["apt"])}, device,
+                                       warmup=args.warmup, repeats=args.repeats)
+            seconds = {name: t.median for name, t in times.items()}
             layout_seconds = sum(time_layout(apt, x, args.repeats, device) for x in batches)
             row = dict(
                 thresholds={str(k): round(v, 4) for k, v in thresholds.items()},
@@ -562,22 +769,28 @@ def main(argv=None) -> int:
                 dense_img_s=len(names) / seconds["dense"], apt_img_s=len(names) / seconds["apt"],
                 speedup=seconds["dense"] / seconds["apt"], ideal_speedup=ideal,
                 achieved_over_ideal=seconds["dense"] / seconds["apt"] / ideal,
+                speedup_of_fastest=min(times["dense"].wall) / min(times["apt"].wall),
+                cpu_speedup=times["dense"].cpu_median / times["apt"].cpu_median,
+                seconds={name: dict(wall=t.wall, cpu=t.cpu) for name, t in times.items()},
                 layout_fraction=layout_seconds / seconds["apt"],
-                attention=apt.attention_backends(device, DTYPES[args.dtype]), depth=len(apt.blocks), window=apt.window_size,
-                batches=len(batches),
+                attention=engine.attention_backends(device, DTYPES[args.dtype]), depth=len(engine.blocks),
+                window=engine.window_size, batches=len(batches),
             )
             for name, (counter, frames, first_seconds) in compiled.items():
                 row[f"{name}_compile_s"] = first_seconds - timed_call(lambda: run(first[name]), device)
                 row[f"{name}_recompiles"] = counter.frame_count - frames
-            row.update(memory_columns(args, sides, backbone, calls, batches, run, autocast, argv, index - 1))
+            row.update(memory_columns(args, sides, level, calls, batches, run, autocast, argv, index - 1))
             rows.append(row)
             print(f"[{index}/{len(configs)}] thresholds {row['thresholds']}: kept {row['kept_mean']:.1%}, "
-                  f"speedup {row['speedup']:.2f}x (ideal {ideal:.2f}x), scoring+layout {row['layout_fraction']:.1%}, "
-                  f"peak MiB (added) dense/APT {mib_pair(row, 'peak_mib')}, train step {mib_pair(row, 'train_peak_mib')}")
+                  f"speedup {row['speedup']:.2f}x (fastest runs {row['speedup_of_fastest']:.2f}x, CPU time "
+                  f"{row['cpu_speedup']:.2f}x; ideal {ideal:.2f}x), scoring+layout {row['layout_fraction']:.1%}, "
+                  f"peak MiB (added) dense/APT {mib_pair(row, 'peak_mib')}, train step {mib_pair(row, 'train_peak_mib')}",
+                  flush=True)
     except KeyboardInterrupt:
         print(f"interrupted: keeping {len(rows)} measured configuration(s)")
     if not rows:
         return 130
+    env["load_after"] = load_average()
     with ctrl_c_deferred() as ctrl_c:
         try:
             written = write_outputs(result_paths(args), env, args, rows)
