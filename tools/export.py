@@ -14,7 +14,7 @@ and fails on any difference beyond 1e-4 (with ``--benchmark``: the APT files, be
 ``--benchmark`` exports the APT model and the dense
 model with the same weights, times both per format on the sample photos (one image per call,
 alternating, after a warm-up; merging off through the APT file's thresholds input, then the
-given thresholds), and writes ``<output-dir>/<host>-<size>-export-<device>-fp32.{json,md}``
+given thresholds), and writes ``<output-dir>/export-<host>-<size>-cpu-fp32.{json,md}``
 (default ``benchmarks/results``), with the ideal (FLOP ratio) and the machine's load average.
 AOTInductor compiles C++: minutes per full-size backbone on a small CPU.
 """
@@ -235,7 +235,7 @@ def write_results(args, names: list[str], rows: list[dict]) -> None:
 
     out = args.output_dir or ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / (f"{args.host}-{args.size}" + (f"-d{args.depth}" if args.depth else "") + "-export-cpu-fp32")
+    stem = out / (f"export-{args.host}-{args.size}" + (f"-d{args.depth}" if args.depth else "") + "-cpu-fp32")
     env = dict(date=dt.datetime.now().isoformat(timespec="seconds"), device=f"{platform.machine()} CPU",
                cpus=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__,
                onnxruntime=onnxruntime.__version__, images=names)

@@ -172,6 +172,8 @@ class ONNXRunner(_Runner):
             raise ImportError("ONNX Runtime is missing: pip install 'apt-dense[export]'") from err
         path = _existing(path)
         options = ort.SessionOptions()
+        # Errors only: its graph optimiser warns about every CastLike it cannot constant-fold.
+        options.log_severity_level = 3
         if threads is not None:
             options.intra_op_num_threads = threads
         if profile_prefix is not None:
