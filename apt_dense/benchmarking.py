@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
+import dataclasses
 import gc
 import json
 import math
@@ -25,7 +26,7 @@ from .presets import IMAGENET_PIXEL_MEAN, IMAGENET_PIXEL_STD
 __all__ = [
     "timed_call", "SideTimes", "times_side_by_side", "time_side_by_side", "MemoryPeak", "peak_memory_mib", "backbone_flops", "model_builder", "build_model_pair",
     "same_weights_pair", "host_window", "build_planner", "host_planner", "HOST_FAMILIES", "host_family", "host_setting",
-    "setting_label", "host_size", "host_image", "padded_to", "apt_engine", "apt_layout", "dense_layout", "dinov2_config",
+    "setting_label", "check_host_library", "host_size", "resolve_host_arguments", "tool_planner", "same_size_maps", "host_image", "padded_to", "apt_engine", "apt_layout", "dense_layout", "dinov2_config",
     "backbone_builder", "sam_builder",
     "positive_int", "non_negative_int", "non_negative_float", "unit_fraction", "int_between", "thresholds_json",
     "image_folder", "output_path", "existing_file", "torch_device",
@@ -180,28 +181,49 @@ HOST_FAMILIES = {"vit": "the ViTDet / EVA-02 letterbox", "sam": "SamPredictor's 
                  "dinov2": "Depth Anything's image processor"}
 
 
-def host_family(host: str) -> str:
-    """``"sam"`` (Segment Anything's encoders), ``"dinov2"`` (DINOv2, Depth Anything) or ``"vit"``."""
+def host_family(host: str | None) -> str:
+    """``"sam"`` (Segment Anything's encoders), ``"dinov2"`` (DINOv2, Depth Anything) or ``"vit"``
+    (also for no host: a plain letterboxed canvas)."""
     from .presets import HOSTS
 
+    if host is None:
+        return "vit"
     if host.startswith("sam_"):
         return "sam"
     return "dinov2" if HOSTS[host].get("block_type") == "dinov2" else "vit"
 
 
-def host_setting(host: str, default: str) -> str:
+def check_host_library(host: str | None) -> None:
+    """Import the library a host's models and image pipeline come from (segment-anything for SAM,
+    transformers for DINOv2).
+
+    Raises:
+        ValueError: naming the host and the install command, when it is missing.
+    """
+    family = host_family(host)
+    if family == "vit":
+        return
+    module, extra = ("apt_dense.sam", "sam") if family == "sam" else ("apt_dense.transformers", "transformers")
+    try:
+        __import__(module)
+    except ImportError as err:
+        raise ValueError(f"--host {host} needs {'segment-anything' if family == 'sam' else 'transformers 5'}: "
+                         f"pip install 'apt-dense[{extra}]' ({err})") from None
+
+
+def host_setting(host: str | None, default: str) -> str:
     """The thresholds setting made for ``host``'s family (``sam``, ``depth``), else ``default``."""
     return {"sam": "sam", "dinov2": "depth"}.get(host_family(host), default)
 
 
 def setting_label(setting: str) -> str:
     """Where a setting of :data:`~apt_dense.presets.APT_SETTINGS` comes from, for tables and plots."""
-    return {"sam": "the SAM setting (calibrated on photos at SAM's 1024 canvas)",
-            "depth": "the depth setting (the paper's segmentation threshold translated to 14 px patches)",
+    return {"sam": "the SAM setting, calibrated on photos at SAM's 1024 canvas",
+            "depth": "the depth setting, the paper's segmentation threshold translated to 14 px patches",
             }.get(setting, f"the paper's {setting} setting")
 
 
-def host_size(host: str, size: int | None, default: int) -> int:
+def host_size(host: str | None, size: int | None, default: int) -> int:
     """The canvas (SAM: its 1024, fixed by the checkpoints) or processor size (DINOv2: 518) of
     ``host`` when ``size`` is None, else ``size``.
 
@@ -210,12 +232,58 @@ def host_size(host: str, size: int | None, default: int) -> int:
     """
     from .presets import HOSTS
 
+    if host is None:
+        return size or default
     family = host_family(host)
     native = HOSTS[host]["img_size"]
     if family == "sam" and size not in (None, native):
         raise ValueError(f"--size {size}: SAM's image encoder takes {native} px canvases (its checkpoints fix the "
                          f"position grid and SamPredictor resizes every image to it); drop --size")
     return size or (native if family != "vit" else default)
+
+
+def resolve_host_arguments(args, default_size: int, default_setting: str) -> None:
+    """A patching tool's ``--host``, ``--size``, ``--patch-size`` and ``--setting`` completed in
+    place: the host's library present, its canvas (or processor size), patch size and setting
+    where not given; without a host, ``default_size``, 16 px and ``default_setting``.
+
+    Raises:
+        ValueError: the host's library is missing, or ``--patch-size`` differs from its patch.
+    """
+    from .presets import HOSTS
+
+    check_host_library(args.host)
+    args.size = host_size(args.host, args.size, default_size)
+    args.setting = args.setting or host_setting(args.host, default_setting)
+    if args.host is not None:
+        patch = HOSTS[args.host]["patch_size"]
+        if args.patch_size not in (None, patch):
+            raise ValueError(f"--patch-size {args.patch_size}: {args.host}'s patches are {patch} px; drop --patch-size")
+        args.patch_size = patch
+    args.patch_size = args.patch_size or 16
+
+
+def tool_planner(args, thresholds: Mapping[int, float]) -> TokenPlanner:
+    """A patching tool's planner on raw 0..255 pixels: ``args.host``'s patch size and windows
+    (:func:`host_planner`), or ``args.patch_size`` without a host."""
+    if args.host is not None:
+        return host_planner(args.host, thresholds, img_size=args.size, scorer=args.scorer)
+    return build_planner(thresholds, img_size=args.size, patch_size=args.patch_size, scorer=args.scorer)
+
+
+def same_size_maps(maps: list) -> list:
+    """:class:`~apt_dense.visualize.PatchMap` pictures on white canvases of the largest one's size
+    (top-left), for one sheet: DINOv2 hosts keep each image's aspect ratio."""
+    from PIL import Image
+
+    width = max(m.picture.size[0] for m in maps)
+    height = max(m.picture.size[1] for m in maps)
+    framed = []
+    for m in maps:
+        canvas = Image.new("RGB", (width, height), "white")
+        canvas.paste(m.picture, (0, 0))
+        framed.append(dataclasses.replace(m, picture=canvas))
+    return framed
 
 
 @functools.cache
@@ -230,7 +298,7 @@ def _depth_processor(size: int):
                              image_std=[s / 255 for s in IMAGENET_PIXEL_STD], do_pad=False)
 
 
-def host_image(host: str, image, size: int, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def host_image(host: str | None, image, size: int, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """An ``(H, W, 3)`` uint8 RGB photo as ``host``'s own pipeline feeds the model.
 
     ``vit``: letterboxed to a ``size`` square (ViTDet's LSJ, padded with the mean colour);
@@ -261,9 +329,9 @@ def host_image(host: str, image, size: int, multiple: int = 1) -> tuple[torch.Te
         x = _depth_processor(size)(images=image, return_tensors="pt").pixel_values[0]
     mean = torch.tensor(IMAGENET_PIXEL_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_PIXEL_STD).view(3, 1, 1)
-    h, w = x.shape[-2:]
-    raw = torch.nn.functional.pad(x, (0, -w % multiple, 0, -h % multiple)) * std + mean
-    return raw, x
+    # Snapped to 1/256 as the planner undoes a normalisation (scoring.to_intensity), so that raw
+    # and normalised inputs get the same plan.
+    return torch.round((padded_to(x, multiple) * std + mean) * 256.0) / 256.0, x
 
 
 def padded_to(x: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -427,10 +495,13 @@ def host_window(host: str, window: int | None = None, depth: int | None = None) 
     overrides the preset's), 0 when it has none.
 
     Raises:
-        ValueError: ``window`` given for a host without windowed blocks, where it would do nothing.
+        ValueError: ``window`` given for a host without windowed blocks, where it would do nothing,
+            or for a SAM / DINOv2 host, whose model fixes its windows.
     """
     from .presets import HOSTS
 
+    if window is not None and host_family(host) != "vit":
+        raise ValueError(f"--window: {host}'s windows are the host model's own; drop --window")
     preset = HOSTS[host]
     blocks = [i for i in preset.get("window_block_indexes", ()) if depth is None or i < depth]
     if not blocks:

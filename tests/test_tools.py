@@ -36,15 +36,15 @@ def messy_folder(tmp_path, photos):
 
 def interrupted_on_third(monkeypatch, tool) -> None:
     """Ctrl-C while ``tool`` reads the third image."""
-    real, calls = tool.letterbox, []
+    real, calls = tool.host_image, []
 
-    def letterbox(*args, **kwargs):
+    def host_image(*args, **kwargs):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(tool, "letterbox", letterbox)
+    monkeypatch.setattr(tool, "host_image", host_image)
 
 
 def legend_colors(png: Path, rows: int) -> set[tuple[int, int, int]]:
@@ -240,3 +240,109 @@ def test_benchmark_default_tags_keep_runs_apart():
     assert tag(["--host", "vitdet_b", "--size", "1024", "--thresholds", '{"32": 2}', "--level", "full",
                 "--framework", "mmdet"]) == "vitdet_b-1024-full-mmdet-cpu-fp32"
     assert tag(["--level", "full"]) == "eva02_b_seg-512-full-cpu-fp32"
+
+
+# --- SAM and DINOv2 / Depth Anything hosts -----------------------------------------------------------
+
+def test_visualize_sam_host_letterboxes_as_sam_predictor(tmp_path):
+    """SAM's canvas and setting: the astronaut (square, no padding) keeps 93.7% at {32: 2}."""
+    pytest.importorskip("segment_anything")
+    out = tmp_path / "sam.png"
+    assert visualize_patches.main(["--host", "sam_vit_b", "--limit", "1", "--output", str(out)]) == 0
+    rows = out.with_suffix(".csv").read_text().splitlines()
+    assert rows[1] == "astronaut,3838,4096,0.937"
+
+
+def test_visualize_and_calibrate_depth_host_count_the_dense_tokens_of_each_image(tmp_path, capsys):
+    """Depth Anything's processor: coffee (400x600) becomes 350x518, 25x37 = 925 dense tokens."""
+    pytest.importorskip("transformers")
+    out = tmp_path / "da.png"
+    assert visualize_patches.main(["--host", "depth_anything_v2_b", "--limit", "2", "--output", str(out)]) == 0
+    rows = [r.split(",") for r in out.with_suffix(".csv").read_text().splitlines()[1:]]
+    assert [r[0] for r in rows] == ["astronaut", "coffee"] and [r[2] for r in rows] == ["1369", "925"]
+    assert Image.open(out).size[0] == sheet_width(2)
+    capsys.readouterr()
+    assert calibrate_thresholds.main(["--host", "depth_anything_v2_b", "--limit", "2", "--curve", str(tmp_path / "c.png")]) == 0
+    printed = capsys.readouterr().out
+    mean = (int(rows[0][1]) / 1369 + int(rows[1][1]) / 925) / 2
+    assert f"{mean:.1%}  {{28: 5.43, 56: 5.67}}  <- base: the depth setting" in printed
+
+
+def test_calibrate_sam_setting_is_not_called_the_papers(tmp_path, capsys):
+    pytest.importorskip("segment_anything")
+    out = tmp_path / "sam.json"
+    assert calibrate_thresholds.main(["--host", "sam_vit_b", "--limit", "2", "--curve", str(tmp_path / "c.png"),
+                                      "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "base: the SAM setting, calibrated" in printed and "paper" not in printed
+    result = json.loads(out.read_text())
+    assert result["host"] == "sam_vit_b" and result["size"] == 1024 and result["base"] == {"32": 2.0}
+    at_base = next(point for point in result["curve"] if point["scale"] == 1.0)
+    assert at_base["kept"] == pytest.approx((3838 + 3118) / 2 / 4096, abs=1e-4)  # astronaut, coffee
+
+
+@pytest.mark.parametrize("tool", [visualize_patches, calibrate_thresholds, demo])
+def test_tools_say_when_segment_anything_is_missing(tool, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "apt_dense.sam", None)  # import apt_dense.sam raises ImportError
+    argv = ["--host", "sam_vit_b"] + (["--curve"] if tool is calibrate_thresholds else [])
+    with pytest.raises(SystemExit):
+        tool.parse_args(argv)
+    assert "--host sam_vit_b needs segment-anything: pip install 'apt-dense[sam]'" in capsys.readouterr().err
+
+
+def test_backbone_flops_count_sam_and_dinov2_mlps_as_the_core_blocks():
+    """SAM's lin1/lin2 and transformers-shaped DINOv2 blocks count as the core's fc1/fc2 blocks."""
+    pytest.importorskip("segment_anything")
+    pytest.importorskip("transformers")
+    from apt_dense.benchmarking import (
+        apt_layout, backbone_builder, backbone_flops, dense_layout, model_builder, same_weights_pair,
+    )
+
+    for host, size in (("sam_vit_b", 1024), ("dinov2_s", 518)):
+        apt, dense = same_weights_pair(backbone_builder(host, {28: 5.43, 56: 5.67} if "dinov2" in host else {32: 2.0},
+                                                        depth=4))
+        core = model_builder(host, None, depth=4)(False)
+        x = torch.randn(1, 3, size, size)
+        engine = getattr(apt, "apt", apt)
+        for layout in (dense_layout(apt, x), apt_layout(apt, x)):
+            assert backbone_flops(engine, layout) == backbone_flops(core, layout) > 0
+
+
+@pytest.mark.slow
+def test_benchmark_sam_encoder_and_predictor_against_segment_anything(tmp_path):
+    pytest.importorskip("segment_anything")
+    common = ["--host", "sam_vit_b", "--depth", "1", "--limit", "1", "--scales", "0", "1", "--repeats", "1",
+              "--warmup", "0", "--no-memory", "--output-dir", str(tmp_path)]
+    assert benchmark.main(common + ["--tag", "enc"]) == 0
+    off, on = json.loads((tmp_path / "enc.json").read_text())["rows"]
+    assert off["kept_mean"] == 1.0 and off["ideal_speedup"] == pytest.approx(1.0)
+    assert on["kept_mean"] == pytest.approx(3838 / 4096) and on["ideal_speedup"] > 1.0 and on["window"] == 14
+    assert "the dense side segment-anything's own" in (tmp_path / "enc.md").read_text()
+    assert benchmark.main(common + ["--level", "full", "--tag", "full"]) == 0
+    full = json.loads((tmp_path / "full.json").read_text())["rows"][1]
+    # The prompt encoder, mask decoder and neck dilute the encoder's saving.
+    assert 1.0 < full["ideal_speedup"] < on["ideal_speedup"]
+
+
+@pytest.mark.slow
+def test_benchmark_depth_anything_whole_model_against_transformers(tmp_path):
+    pytest.importorskip("transformers")
+    argv = ["--host", "depth_anything_v2_s", "--level", "full", "--depth", "4", "--limit", "2", "--scales", "0", "1",
+            "--repeats", "1", "--warmup", "0", "--threads", "1", "--output-dir", str(tmp_path), "--tag", "da"]
+    assert benchmark.main(argv) == 0
+    record = json.loads((tmp_path / "da.json").read_text())
+    off, on = record["rows"]
+    # Merging off: base patches only, no padding to the largest patch (350x518 stays 25x37 cells).
+    assert off["kept_mean"] == 1.0 and off["ideal_speedup"] == pytest.approx(1.0)
+    assert on["kept_mean"] < 1.0 and on["ideal_speedup"] > 1.0 and on["batches"] == 2
+    assert record["environment"]["threads"] == 1 and len(record["environment"]["load_before"]) == 3
+    assert on["peak_mib_apt"] > 0 and on["train_peak_mib_dense"] > 0
+
+
+@pytest.mark.slow
+def test_demo_sam_host(tmp_path, capsys):
+    pytest.importorskip("segment_anything")
+    assert demo.main(["--host", "sam_vit_b", "--depth", "1", "--budget", "1", "--output", str(tmp_path / "d.png")]) == 0
+    printed = capsys.readouterr().out
+    assert "sam_vit_b (1 blocks (reduced by --depth), dim 768, window 14 cells) at 1024x1024" in printed
+    assert "the SAM setting" in printed and "astronaut" in printed and "speedup" in printed

@@ -54,7 +54,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 from apt_dense.attention import BACKENDS, resolve_backend
 from apt_dense.benchmarking import (
-    apt_engine, apt_layout, backbone_builder, backbone_flops, dense_layout, dinov2_config, host_family, host_image,
+    apt_engine, apt_layout, backbone_builder, backbone_flops, check_host_library, dense_layout, dinov2_config, host_family, host_image,
     host_planner, host_setting, host_size, host_window, image_folder, non_negative_float, non_negative_int,
     output_path, peak_memory_mib, positive_int, process_peak_rss_mib, same_weights_pair, sam_builder, setting_label,
     thresholds_json, time_side_by_side, timed_call, times_side_by_side, torch_device,
@@ -107,6 +107,8 @@ def parse_args(argv=None):
                    help="a stream of different batches: every image also as two 60%% crops (3x the images, each "
                         "batch with its own token counts); use with --batch")
     p.add_argument("--attention-backend", default="auto", choices=BACKENDS, help="APT side's attention kernels")
+    p.add_argument("--no-memory", action="store_true",
+                   help="skip the peak-memory columns (each runs every input once more per side, and a training step)")
     p.add_argument("--warmup", type=non_negative_int, default=1, help="untimed runs per side first")
     p.add_argument("--repeats", type=positive_int, default=3, help="timed runs per side (the median counts)")
     p.add_argument("--output-dir", type=output_path, default=ROOT / "benchmarks" / "results",
@@ -119,6 +121,7 @@ def parse_args(argv=None):
     p.add_argument("--memory-configuration", type=non_negative_int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     try:
+        check_host_library(args.host)
         args.size = host_size(args.host, args.size, 512)
         args.setting = args.setting or host_setting(args.host, "segmentation")
         check(args)
@@ -151,8 +154,6 @@ def check(args) -> None:
         if args.compile_backend not in backends:
             raise ValueError(f"--compile-backend {args.compile_backend}: not a torch.compile backend here; "
                              f"choose one of {', '.join(backends)}")
-    if family != "vit" and args.window is not None:
-        raise ValueError(f"--window: {args.host}'s windows are the host model's own; drop --window")
     if (family == "dinov2" or (family == "sam" and args.level == "full")) and (args.batch or 1) != 1:
         what = "images at their own sizes" if family == "dinov2" else "one image per SamPredictor.set_image"
         raise ValueError(f"--batch {args.batch}: {args.host} takes {what}; drop --batch")
@@ -779,7 +780,8 @@ def main(argv=None) -> int:
             for name, (counter, frames, first_seconds) in compiled.items():
                 row[f"{name}_compile_s"] = first_seconds - timed_call(lambda: run(first[name]), device)
                 row[f"{name}_recompiles"] = counter.frame_count - frames
-            row.update(memory_columns(args, sides, level, calls, batches, run, autocast, argv, index - 1))
+            if not args.no_memory:
+                row.update(memory_columns(args, sides, level, calls, batches, run, autocast, argv, index - 1))
             rows.append(row)
             print(f"[{index}/{len(configs)}] thresholds {row['thresholds']}: kept {row['kept_mean']:.1%}, "
                   f"speedup {row['speedup']:.2f}x (fastest runs {row['speedup_of_fastest']:.2f}x, CPU time "

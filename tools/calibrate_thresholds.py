@@ -10,6 +10,13 @@ is written whole or not at all (Ctrl-C waits for the files being written).
 
     python tools/calibrate_thresholds.py --target 0.6                    # sample photos, 1024, detection base
     python tools/calibrate_thresholds.py --images ade/val --size 512 --setting segmentation --curve
+    python tools/calibrate_thresholds.py --host sam_vit_b --curve             # SAM's letterbox, its setting
+    python tools/calibrate_thresholds.py --host depth_anything_v2_b --target 0.6
+
+With ``--host`` images are prepared as the host's own pipeline does (SAM: ``SamPredictor``'s
+letterbox at 1024; DINOv2 / Depth Anything: the image processor at 518, padded only to the
+largest patch), with its patch size and windows, and tokens kept count against the dense
+model's tokens for each image.
 """
 from __future__ import annotations
 
@@ -19,14 +26,18 @@ import logging
 import math
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
-from apt_dense.benchmarking import build_planner, image_folder, output_path, positive_int, thresholds_json, unit_fraction
+from apt_dense.benchmarking import (
+    host_image, image_folder, output_path, positive_int, resolve_host_arguments, setting_label, thresholds_json,
+    tool_planner, unit_fraction,
+)
 from apt_dense.outputs import atomic_write, check_output_file, ctrl_c_deferred, write_error
 from apt_dense.planner import TokenPlanner
-from apt_dense.presets import APT_SETTINGS, IMAGENET_PIXEL_MEAN
-from apt_dense.sample_images import image_source, letterbox
+from apt_dense.presets import APT_SETTINGS, HOSTS
+from apt_dense.sample_images import image_source
 
 DEFAULT_CURVE = Path("outputs/threshold_curve.png")
 MAX_SCALE = 1e4  # thresholds beyond 10^4 x the base merge everything any scorer can score
@@ -37,9 +48,14 @@ def parse_args(argv=None):
     p.add_argument("--images", type=image_folder, default=None,
                    help="folder of images (default: scikit-image's sample photos)")
     p.add_argument("--limit", type=positive_int, default=None, help="at most this many images")
-    p.add_argument("--size", type=positive_int, default=1024, help="square canvas, a multiple of the largest patch")
-    p.add_argument("--patch-size", type=positive_int, default=16)
-    p.add_argument("--setting", default="detection", choices=sorted(APT_SETTINGS), help="base thresholds")
+    p.add_argument("--host", default=None, choices=sorted(HOSTS),
+                   help="prepare images and patch as this host does (its patch size, windows, image pipeline)")
+    p.add_argument("--size", type=positive_int, default=None,
+                   help="square canvas, a multiple of the largest patch (default 1024; SAM: its 1024; DINOv2: the "
+                        "processor's size, default 518)")
+    p.add_argument("--patch-size", type=positive_int, default=None, help="base patch in px (default 16, or the host's)")
+    p.add_argument("--setting", default=None, choices=sorted(APT_SETTINGS),
+                   help="base thresholds (default: the host's setting, else detection)")
     p.add_argument("--base", type=thresholds_json, default=None, help="base thresholds as JSON (overrides --setting)")
     p.add_argument("--scorer", default="entropy", choices=["entropy", "laplacian", "upsample_mse"])
     p.add_argument("--target", type=unit_fraction, default=None, help="mean fraction of tokens to keep, in (0, 1]")
@@ -50,6 +66,7 @@ def parse_args(argv=None):
     if args.target is None and args.curve is None:
         p.error("give --target FRACTION, --curve, or both")
     try:
+        resolve_host_arguments(args, default_size=1024, default_setting="detection")
         schedule = patching(args).schedule
         check_base(args.base)
         if args.curve is not None:
@@ -91,11 +108,17 @@ def plot_suffixes() -> list[str]:
 
 def patching(args):
     """The planner with the base thresholds: it validates them and scores images."""
-    base = args.base or APT_SETTINGS[args.setting]
-    return build_planner(base, img_size=args.size, patch_size=args.patch_size, scorer=args.scorer)
+    return tool_planner(args, args.base or APT_SETTINGS[args.setting])
 
 
-def image_scores(args, planner: TokenPlanner) -> tuple[list[list[torch.Tensor]], bool]:
+class Scores(NamedTuple):
+    """Per image: its per-level scores (:meth:`TokenPlanner.scores`) and the dense model's tokens."""
+
+    levels: list[list[torch.Tensor]]
+    dense_tokens: list[int]
+
+
+def image_scores(args, planner: TokenPlanner) -> tuple[Scores, bool]:
     """Per-level scores of each image, and whether Ctrl-C stopped the scoring early.
 
     Raises:
@@ -103,23 +126,25 @@ def image_scores(args, planner: TokenPlanner) -> tuple[list[list[torch.Tensor]],
     """
     total, photos = image_source(args.images, args.limit)
     every = max(1, total // 20)  # about 20 progress lines, each whole so warnings do not break them
-    scores: list[list[torch.Tensor]] = []
+    scores = Scores([], [])
     try:
         for index, (_, image) in enumerate(photos, start=1):
-            raw, _ = letterbox(image, args.size, IMAGENET_PIXEL_MEAN)
-            scores.append(planner.scores(raw.unsqueeze(0)))
+            raw, x = host_image(args.host, image, args.size, planner.size_divisibility)
+            scores.dense_tokens.append((x.shape[-2] // args.patch_size) * (x.shape[-1] // args.patch_size))
+            scores.levels.append(planner.scores(raw.unsqueeze(0)))
             if index % every == 0 or index == total:
                 print(f"scored {index}/{total} images", flush=True)
     except KeyboardInterrupt:
-        print(f"interrupted: going on with the {len(scores)} images scored so far", flush=True)
-        return scores, True
+        print(f"interrupted: going on with the {len(scores.levels)} images scored so far", flush=True)
+        return Scores(scores.levels, scores.dense_tokens[: len(scores.levels)]), True
     return scores, False
 
 
-def kept_fraction(scores: list[list[torch.Tensor]], thresholds: dict[int, float], patch_size: int) -> float:
-    """Mean fraction of tokens kept over the scored images under ``thresholds``."""
+def kept_fraction(scores: Scores, thresholds: dict[int, float], patch_size: int) -> float:
+    """Mean over the scored images of the tokens kept under ``thresholds`` over the dense model's."""
     planner = TokenPlanner(patch_size=patch_size, thresholds=thresholds)
-    fractions = [f for per_level in scores for f in planner.plan_scores(per_level).kept_fraction]
+    fractions = [planner.plan_scores(per_level).tokens_per_image_host[0] / dense
+                 for per_level, dense in zip(scores.levels, scores.dense_tokens)]
     return sum(fractions) / len(fractions)
 
 
@@ -204,16 +229,18 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     planner = patching(args)
     base_map = planner.schedule.threshold_map()
-    setting = "given" if args.base else f"the paper's {args.setting} setting"
+    setting = "given" if args.base else setting_label(args.setting)
     try:
         scores, interrupted = image_scores(args, planner)
     except ValueError as err:  # no readable image in the folder
         print(f"error: {err}", file=sys.stderr)
         return 1
-    if not scores:
+    if not scores.levels:
         return 130
-    result: dict = {"base": {str(k): v for k, v in base_map.items()}, "images": len(scores), "size": args.size,
+    result: dict = {"base": {str(k): v for k, v in base_map.items()}, "images": len(scores.levels), "size": args.size,
                     "scorer": args.scorer}
+    if args.host is not None:
+        result["host"] = args.host
     if interrupted:
         result["interrupted"] = "while scoring: results cover the images scored before Ctrl-C"
     try:

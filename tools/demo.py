@@ -5,14 +5,18 @@ then the dense and the APT backbone timed side by side for as long as a time bud
     python tools/demo.py                      # EVA-02-B detection backbone at 1024, paper thresholds
     python tools/demo.py --budget 0           # time all five photos (about 3 minutes on 2 CPU cores)
     python tools/demo.py --size 512 --setting segmentation
+    python tools/demo.py --host sam_vit_b      # SAM's image encoder, photos letterboxed as SamPredictor does
+    python tools/demo.py --host depth_anything_v2_b   # DINOv2 backbone of Depth Anything V2, its processor
 
 The models have random weights: patch selection does not depend on weights, and speed depends
-only on shapes. Timing runs each photo once per side (batch 1, alternating dense and APT) after
+only on shapes. For SAM and DINOv2 hosts the dense side is the host library's own model
+(segment-anything's ``ImageEncoderViT``, transformers' ``Dinov2Backbone``). Timing runs each photo once per side (batch 1, alternating dense and APT) after
 a short warm-up, in an order that keeps the photos timed so far representative of all of them.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from collections.abc import Sequence
@@ -20,14 +24,15 @@ from pathlib import Path
 
 import torch
 
-from apt_dense import APTViT, TokenPlanner
+from apt_dense import TokenPlanner
 from apt_dense.benchmarking import (
-    backbone_flops, build_model_pair, host_planner, host_window, non_negative_float, output_path, positive_int,
-    timed_call, torch_device,
+    apt_engine, apt_layout, backbone_builder, backbone_flops, check_host_library, dense_layout, host_family, host_image,
+    host_planner, host_setting, host_size, host_window, non_negative_float, output_path, positive_int,
+    same_size_maps, same_weights_pair, setting_label, timed_call, torch_device,
 )
 from apt_dense.outputs import check_output_file, ctrl_c_deferred, write_error
 from apt_dense.presets import APT_SETTINGS, HOSTS, IMAGENET_PIXEL_MEAN, IMAGENET_PIXEL_STD
-from apt_dense.sample_images import letterbox, load_sample_photos, normalise
+from apt_dense.sample_images import load_sample_photos
 from apt_dense.visualize import patch_map, patch_map_sheet, picture_formats, save_picture
 
 DEFAULT_OUTPUT = Path("outputs/demo_patch_map.png")
@@ -36,9 +41,11 @@ DEFAULT_OUTPUT = Path("outputs/demo_patch_map.png")
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="eva02_b_det", choices=sorted(HOSTS), help="host ViT architecture")
-    parser.add_argument("--size", type=positive_int, default=1024,
-                        help="square canvas the photos are letterboxed to, a multiple of the largest patch")
-    parser.add_argument("--setting", default="detection", choices=sorted(APT_SETTINGS), help="paper thresholds")
+    parser.add_argument("--size", type=positive_int, default=None,
+                        help="square canvas the photos are letterboxed to, a multiple of the largest patch (default "
+                             "1024; SAM: its 1024; DINOv2: the processor's size, default 518)")
+    parser.add_argument("--setting", default=None, choices=sorted(APT_SETTINGS),
+                        help="thresholds (default: sam for SAM hosts, depth for DINOv2 hosts, else detection)")
     parser.add_argument("--window", type=positive_int, default=None, help="window size in cells (default: the host's)")
     parser.add_argument("--depth", type=positive_int, default=None, help="fewer blocks for a quicker run")
     parser.add_argument("--budget", type=non_negative_float, default=60.0,
@@ -50,6 +57,9 @@ def parse_args(argv=None):
                         help=f"patch-map picture, .png, .jpg, ... (default: {DEFAULT_OUTPUT})")
     args = parser.parse_args(argv)
     try:
+        check_host_library(args.host)
+        args.size = host_size(args.host, args.size, 1024)
+        args.setting = args.setting or host_setting(args.host, "detection")
         patching(args)
         check_output_file(args.output, suffixes=picture_formats(), what="--output")
     except ValueError as err:
@@ -62,13 +72,17 @@ def patching(args) -> TokenPlanner:
     return host_planner(args.host, APT_SETTINGS[args.setting], img_size=args.size, window=args.window, depth=args.depth)
 
 
-def build_models(args) -> tuple[APTViT, APTViT]:
-    overrides = dict(img_size=args.size, pixel_mean=IMAGENET_PIXEL_MEAN, pixel_std=IMAGENET_PIXEL_STD)
+def build_models(args) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """``(apt, dense)`` backbones of the host with the same random weights
+    (:func:`apt_dense.benchmarking.backbone_builder`)."""
+    overrides = {}
+    if host_family(args.host) == "vit":
+        overrides.update(img_size=args.size, pixel_mean=IMAGENET_PIXEL_MEAN, pixel_std=IMAGENET_PIXEL_STD)
     if args.window is not None:
         overrides["window_size"] = args.window
     if args.depth is not None:
         overrides["depth"] = args.depth
-    apt, dense = build_model_pair(args.host, APT_SETTINGS[args.setting], **overrides)
+    apt, dense = same_weights_pair(backbone_builder(args.host, APT_SETTINGS[args.setting], **overrides))
     return apt.to(args.device), dense.to(args.device)
 
 
@@ -96,11 +110,12 @@ def describe_host(args) -> str:
     return f"{args.host} ({', '.join(parts)})"
 
 
-def warmup_images(images: torch.Tensor, unit: int, device: torch.device) -> torch.Tensor:
+def warmup_images(images: torch.Tensor, unit: int, device: torch.device, any_size: bool = True) -> torch.Tensor:
     """What the warm-up pass runs on: the first photo as is on CUDA, where kernels are chosen per
-    shape; on CPU, its top-left crop at about half the canvas, since the kernels need no tuning
-    and only thread pools and the allocator need a first call."""
-    if device.type == "cuda":
+    shape, or where the model takes one size only (``any_size`` False: SAM's encoder); on CPU, its
+    top-left crop at about half the canvas, since the kernels need no tuning and only thread pools
+    and the allocator need a first call."""
+    if device.type == "cuda" or not any_size:
         return images[:1]
     side = max(unit, images.shape[-1] // 2 // unit * unit)
     return images[:1, :, :side, :side]
@@ -113,25 +128,28 @@ def main(argv=None) -> int:
     device = args.device
     photos = load_sample_photos()
     names = list(photos)
-    raw = torch.stack([letterbox(photo, args.size, IMAGENET_PIXEL_MEAN)[0] for photo in photos.values()])
 
     # 1. Tokens kept and the patch map: patching needs no big model.
     planner = patching(args)
-    layout = planner(raw)
-    cells = layout.grid_size[0] * layout.grid_size[1]
-    kept = layout.kept_fraction
+    prepared = [host_image(args.host, photo, args.size, planner.size_divisibility) for photo in photos.values()]
+    patch = planner.patch_size
+    kept, maps = [], []
     thresholds = planner.schedule.threshold_map()
-    print(f"{describe_host(args)} at {args.size}x{args.size}; patch sizes {planner.schedule.patch_sizes}, "
-          f"thresholds {thresholds} (the paper's {args.setting} setting)")
+    canvas = f"{args.size}x{args.size}" if host_family(args.host) != "dinov2" else f"{args.size} px (aspect kept)"
+    print(f"{describe_host(args)} at {canvas}; patch sizes {planner.schedule.patch_sizes}, "
+          f"thresholds {thresholds} ({setting_label(args.setting)})")
     print(f"{'photo':<20}{'tokens':>8}{'dense':>8}{'kept':>8}")
-    for name, tokens, fraction in zip(names, layout.tokens_per_image_host, kept):
-        print(f"{name:<20}{tokens:>8}{cells:>8}{fraction:>8.1%}")
+    for name, (raw, x) in zip(names, prepared):
+        layout = planner(raw[None])
+        tokens, cells = layout.tokens_per_image_host[0], (x.shape[-2] // patch) * (x.shape[-1] // patch)
+        kept.append(tokens / cells)
+        maps.append(dataclasses.replace(patch_map(raw, layout, 0, planner.schedule.patch_sizes, name), dense_tokens=cells))
+        print(f"{name:<20}{tokens:>8}{cells:>8}{kept[-1]:>8.1%}")
     print(f"{'mean':<20}{'':>16}{sum(kept) / len(kept):>8.1%}")
-    maps = [patch_map(raw[i], layout, i, planner.schedule.patch_sizes, name) for i, name in enumerate(names)]
-    title = (f"APT patch sizes on scikit-image photos letterboxed to {args.size} px, thresholds {thresholds} "
-             f"(the paper's {args.setting} setting)")
-    sheet = patch_map_sheet(maps, columns=3, title=title,
-                            notes=["the canvas below or right of a photo is letterbox padding"])
+    title = (f"APT patch sizes on scikit-image photos for {args.host} at {args.size} px, thresholds {thresholds} "
+             f"({setting_label(args.setting)})")
+    sheet = patch_map_sheet(same_size_maps(maps), columns=3, title=title,
+                            notes=["the canvas below or right of a photo is padding"])
     with ctrl_c_deferred() as ctrl_c:
         try:
             save_picture(sheet, args.output)
@@ -151,8 +169,9 @@ def main(argv=None) -> int:
     print("building both models ...", end=" ", flush=True)
     apt, dense = build_models(args)
     print(f"{time.perf_counter() - tick:.1f} s")
-    images = normalise(raw, IMAGENET_PIXEL_MEAN, IMAGENET_PIXEL_STD).to(device)
-    warm = warmup_images(images, apt.size_divisibility, device)
+    images = [x[None].to(device) for _, x in prepared]
+    engine = apt_engine(apt)
+    warm = warmup_images(images[0], engine.size_divisibility, device, any_size=host_family(args.host) != "sam")
     print(f"warm-up pass on {warm.shape[-2]}x{warm.shape[-1]} ...", end=" ", flush=True)
     print(f"{timed_call(lambda: (dense(warm), apt(warm)), device):.1f} s")
 
@@ -168,7 +187,7 @@ def main(argv=None) -> int:
             per_photo = (seconds["dense"] + seconds["apt"]) / len(timed) if timed else 0.0
             if timed and args.budget and time.perf_counter() - start + per_photo > args.budget:
                 break
-            x = images[i : i + 1]
+            x = images[i]
             print(f"{names[i]:<20}{kept[i]:>8.1%}", end="", flush=True)
             cpu = time.process_time()
             dense_s = timed_call(lambda: dense(x), device)
@@ -178,8 +197,8 @@ def main(argv=None) -> int:
             apt_s = timed_call(lambda: apt(x), device)
             cpu_seconds["apt"] += time.process_time() - cpu
             # Ideal speedup: the ratio of block FLOPs for the tokens kept.
-            photo_flops = {side: backbone_flops(model, model.planner(x))
-                           for side, model in (("dense", dense), ("apt", apt))}
+            photo_flops = {"dense": backbone_flops(engine, dense_layout(apt, x)),
+                           "apt": backbone_flops(engine, apt_layout(apt, x))}
             ideal = photo_flops["dense"] / photo_flops["apt"]
             print(f"{apt_s:>8.2f}{dense_s / apt_s:>8.2f}x{ideal:>7.2f}x", flush=True)
             seconds["dense"] += dense_s
