@@ -32,13 +32,13 @@ logger = logging.getLogger(__name__)
 DEPTH_MODEL_TYPES = ("depth_anything", "dpt")
 
 
-def depth_anything_processor():
+def depth_anything_processor(size: int = 518):
     """Depth Anything's image processor (its released ``preprocessor_config.json``): both sides
-    scaled by the factor that brings one side to 518 px with the least change, rounded to multiples
-    of 14, bicubic, ImageNet statistics."""
+    scaled by the factor that brings one side to ``size`` px with the least change, rounded to
+    multiples of 14, bicubic, ImageNet statistics."""
     from transformers import DPTImageProcessor
 
-    return DPTImageProcessor(size={"height": 518, "width": 518}, keep_aspect_ratio=True, ensure_multiple_of=14,
+    return DPTImageProcessor(size={"height": size, "width": size}, keep_aspect_ratio=True, ensure_multiple_of=14,
                              resample=3, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
                              do_pad=False)
 
