@@ -165,7 +165,7 @@ def sigint_during(monkeypatch, owner, name: str) -> None:
 def test_visualize_checks_its_outputs_before_reading_images(tmp_path, monkeypatch, capsys, output, message):
     (tmp_path / "a_file").write_text("x")
     (tmp_path / "csv_folder.csv").mkdir()
-    monkeypatch.setattr(visualize_patches, "letterbox", lambda *a, **k: pytest.fail("read an image"))
+    monkeypatch.setattr(visualize_patches, "host_image", lambda *a, **k: pytest.fail("read an image"))
     line = usage_error(lambda: visualize_patches.main(["--size", "256", "--output", output.format(tmp=tmp_path)]), capsys)
     assert message in line
 
@@ -200,7 +200,7 @@ def test_visualize_second_ctrl_c_while_writing_keeps_whole_files(tmp_path, monke
 ])
 def test_calibrate_checks_its_outputs_before_scoring(tmp_path, monkeypatch, capsys, argv, message):
     (tmp_path / "a_file").write_text("x")
-    monkeypatch.setattr(calibrate_thresholds, "letterbox", lambda *a, **k: pytest.fail("scored an image"))
+    monkeypatch.setattr(calibrate_thresholds, "host_image", lambda *a, **k: pytest.fail("scored an image"))
     argv = [a.format(tmp=tmp_path) for a in ["--target", "0.8", "--output", str(tmp_path / "cal.json"), *argv]]
     assert message.format(tmp=tmp_path) in usage_error(lambda: calibrate_thresholds.main(argv), capsys)
     assert not (tmp_path / "cal.json").exists()
