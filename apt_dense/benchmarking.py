@@ -26,7 +26,7 @@ from .presets import IMAGENET_PIXEL_MEAN, IMAGENET_PIXEL_STD
 __all__ = [
     "timed_call", "SideTimes", "times_side_by_side", "time_side_by_side", "MemoryPeak", "peak_memory_mib", "backbone_flops", "model_builder", "build_model_pair",
     "same_weights_pair", "host_window", "build_planner", "host_planner", "HOST_FAMILIES", "host_family", "host_setting",
-    "setting_label", "check_host_library", "host_size", "resolve_host_arguments", "tool_planner", "same_size_maps", "host_image", "padded_to", "apt_engine", "apt_layout", "dense_layout", "dinov2_config",
+    "setting_label", "check_host_library", "host_size", "add_patching_arguments", "resolve_host_arguments", "tool_planner", "same_size_maps", "host_image", "padded_to", "apt_engine", "apt_layout", "dense_layout", "dinov2_config",
     "backbone_builder", "sam_builder",
     "positive_int", "non_negative_int", "non_negative_float", "unit_fraction", "int_between", "thresholds_json",
     "image_folder", "output_path", "existing_file", "torch_device",
@@ -240,6 +240,22 @@ def host_size(host: str | None, size: int | None, default: int) -> int:
         raise ValueError(f"--size {size}: SAM's image encoder takes {native} px canvases (its checkpoints fix the "
                          f"position grid and SamPredictor resizes every image to it); drop --size")
     return size or (native if family != "vit" else default)
+
+
+def add_patching_arguments(parser: argparse.ArgumentParser, default_size: int, default_setting: str) -> None:
+    """A patching tool's ``--host``, ``--size``, ``--patch-size`` and ``--setting`` (completed by
+    :func:`resolve_host_arguments` after parsing)."""
+    from .presets import APT_SETTINGS, HOSTS
+
+    parser.add_argument("--host", default=None, choices=sorted(HOSTS),
+                        help="prepare images and patch as this host does (its patch size, windows, image pipeline)")
+    parser.add_argument("--size", type=positive_int, default=None,
+                        help=f"square canvas (ViTDet-style letterbox), a multiple of the largest patch (default "
+                             f"{default_size}; SAM: its 1024; DINOv2: the processor's size, default 518)")
+    parser.add_argument("--patch-size", type=positive_int, default=None,
+                        help="base patch in px (default 16, or the host's)")
+    parser.add_argument("--setting", default=None, choices=sorted(APT_SETTINGS),
+                        help=f"base thresholds (default: the host's setting, else {default_setting})")
 
 
 def resolve_host_arguments(args, default_size: int, default_setting: str) -> None:

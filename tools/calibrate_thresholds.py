@@ -31,12 +31,13 @@ from typing import NamedTuple
 import torch
 
 from apt_dense.benchmarking import (
+    add_patching_arguments,
     host_image, image_folder, output_path, positive_int, resolve_host_arguments, setting_label, thresholds_json,
     tool_planner, unit_fraction,
 )
 from apt_dense.outputs import atomic_write, check_output_file, ctrl_c_deferred, write_error
 from apt_dense.planner import TokenPlanner
-from apt_dense.presets import APT_SETTINGS, HOSTS
+from apt_dense.presets import APT_SETTINGS
 from apt_dense.sample_images import image_source
 
 DEFAULT_CURVE = Path("outputs/threshold_curve.png")
@@ -48,14 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--images", type=image_folder, default=None,
                    help="folder of images (default: scikit-image's sample photos)")
     p.add_argument("--limit", type=positive_int, default=None, help="at most this many images")
-    p.add_argument("--host", default=None, choices=sorted(HOSTS),
-                   help="prepare images and patch as this host does (its patch size, windows, image pipeline)")
-    p.add_argument("--size", type=positive_int, default=None,
-                   help="square canvas, a multiple of the largest patch (default 1024; SAM: its 1024; DINOv2: the "
-                        "processor's size, default 518)")
-    p.add_argument("--patch-size", type=positive_int, default=None, help="base patch in px (default 16, or the host's)")
-    p.add_argument("--setting", default=None, choices=sorted(APT_SETTINGS),
-                   help="base thresholds (default: the host's setting, else detection)")
+    add_patching_arguments(p, default_size=1024, default_setting="detection")
     p.add_argument("--base", type=thresholds_json, default=None, help="base thresholds as JSON (overrides --setting)")
     p.add_argument("--scorer", default="entropy", choices=["entropy", "laplacian", "upsample_mse"])
     p.add_argument("--target", type=unit_fraction, default=None, help="mean fraction of tokens to keep, in (0, 1]")
