@@ -69,6 +69,7 @@ def parse_args(argv=None):
     p.add_argument("--exports", type=output_path, default=None,
                    help="--benchmark: folder for the exported files (default: a temporary one); existing files are reused")
     p.add_argument("--repeats", type=positive_int, default=3, help="--benchmark: timed calls per image and side")
+    p.add_argument("--limit", type=positive_int, default=None, help="--benchmark: time at most this many photos")
     p.add_argument("--warmup", type=non_negative_int, default=1, help="--benchmark: untimed calls per image and side")
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (torch and ONNX Runtime; default: torch's)")
     args = p.parse_args(argv)
@@ -191,6 +192,7 @@ def load_average() -> float:
 def benchmark(args) -> int:
     apt, dense = build_pair(args)
     names, images = sample_images(args.size)
+    names, images = names[: args.limit], images[: args.limit]
     folder = args.exports or Path(os.environ.get("TMPDIR", "/tmp")) / f"apt-export-{args.host}-{args.size}"
     folder.mkdir(parents=True, exist_ok=True)
     stem = f"{args.host}-{args.size}" + (f"-d{args.depth}" if args.depth else "")
