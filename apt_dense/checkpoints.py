@@ -93,6 +93,8 @@ def read_checkpoint(
         ValueError: the file is not a checkpoint (truncated, or not a torch/pickle file).
     """
     path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(f"checkpoint {path} is a folder; give the checkpoint file in it (.pth, .pt, .pkl)")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
@@ -175,6 +177,11 @@ def state_dict_tensors(state: Mapping) -> dict[str, torch.Tensor]:
         TypeError: a key is not a parameter name (str), or a value is neither a tensor nor a
             numeric numpy array; the message names the entry.
     """
+    if not isinstance(state, Mapping):
+        raise TypeError(
+            f"a state dict maps parameter names to tensors, got {type(state).__name__}: pass model.state_dict() "
+            "or the state dict inside a checkpoint (apt_dense.checkpoints.unwrap_state_dict finds it)"
+        )
     converted = {}
     for key, value in state.items():
         if not isinstance(key, str):

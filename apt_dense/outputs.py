@@ -10,6 +10,8 @@ leave a truncated file behind:
 - :func:`atomic_write` writes through a temporary file in the target's folder and renames it over
   the target only when it is complete, so a full disk, an error or Ctrl-C leaves the previous
   file (or none), never part of one.
+- :func:`staged_folder` does the same for a folder of generated files: they are written in a
+  temporary folder beside the target and moved in only when all are written.
 - :func:`ctrl_c_deferred` holds Ctrl-C back while results are written: a second Ctrl-C after a
   first one stopped the work cannot cut the results short.
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 import signal
 import sys
 import threading
@@ -29,7 +32,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import IO
 
-__all__ = ["check_output_file", "check_output_folder", "atomic_write", "write_error", "ctrl_c_deferred"]
+__all__ = ["check_output_file", "check_output_folder", "atomic_write", "staged_folder", "write_error", "ctrl_c_deferred"]
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -109,6 +112,30 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         if isinstance(err, OSError) and err.filename in (None, str(temporary)):
             err.filename, err.filename2 = str(path), None  # name the file the user asked for
         raise
+
+
+@contextlib.contextmanager
+def staged_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Fill ``path`` (created if missing) whole or not at all.
+
+    Yields a new temporary folder beside ``path``. When the block ends normally, each of its
+    entries replaces the entry of the same name in ``path`` (others there are kept); when it
+    raises (a full disk, an error, Ctrl-C), the temporary folder is deleted and ``path`` is left
+    as it was.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    stage = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+    stage.mkdir()
+    try:
+        yield stage
+        for entry in sorted(stage.iterdir()):
+            target = path / entry.name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            os.replace(entry, target)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def write_error(err: OSError) -> str:

@@ -144,6 +144,8 @@ def test_numpy_state_dicts_load_like_tensors(tmp_path):
         ({"w": [1.0, 2.0]}, r"entry 'w' is a list .* not a tensor or numpy array.*unwrap_state_dict"),
         ({"meta": {"iter": 3}}, r"entry 'meta' is a dict"),
         ({"w": np.array(["a"])}, r"entry 'w' is a numpy array of <U1, not of numbers"),
+        (None, r"a state dict maps parameter names to tensors, got NoneType"),
+        ([("w", torch.zeros(1))], r"a state dict maps parameter names to tensors, got list"),
     ],
 )
 def test_state_dicts_that_are_not_tensors_are_a_clear_error(state, match):

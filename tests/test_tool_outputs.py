@@ -329,7 +329,8 @@ def test_convert_checkpoint_checks_the_target_before_reading(tmp_path, monkeypat
     (tmp_path / "a_file").write_text("x")
     for target, message in [(tmp_path, "is a folder"), (tmp_path / "a_file" / "out.pth", "is a file, not a folder"),
                             (read_only(tmp_path / "ro") / "out.pth", "cannot write in"),
-                            (pretraining_checkpoint, "is the source")]:
+                            (pretraining_checkpoint, "is the source"),
+                            (tmp_path / "out.txt", "suffix '.txt' is not supported; end it in one of .pth, .pt")]:
         assert message in usage_error(lambda: convert_checkpoint.main([source, str(target)]), capsys)
 
 
@@ -361,6 +362,31 @@ def test_convert_checkpoint_takes_arrays_and_refuses_other_values(tmp_path, caps
     err = capsys.readouterr().err
     assert "state dict entry 'backbone.net.blocks.0.n' is a int ('3'), not a tensor or numpy array" in err
     assert not target.exists()
+
+
+def test_convert_checkpoint_source_folder_is_a_clear_error(tmp_path, capsys):
+    assert convert_checkpoint.main([str(tmp_path), str(tmp_path / "out.pth")]) == 1
+    assert f"checkpoint {tmp_path} is a folder; give the checkpoint file in it" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tool", [make_tiny_ade20k, make_tiny_coco])
+def test_make_tiny_interrupted_half_way_leaves_the_folder_as_it_was(tool, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "data"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    written = []
+
+    def save_then_ctrl_c(picture, path, **kwargs):
+        if len(written) == 3:
+            raise KeyboardInterrupt
+        written.append(path)
+        picture.save(path)
+
+    monkeypatch.setattr(tool, "save_picture", save_then_ctrl_c)
+    assert tool.main([str(out), "--size", "64"]) == 130
+    assert "interrupted: nothing written" in capsys.readouterr().err
+    assert written and sorted(p.name for p in out.rglob("*")) == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no staging folder left
 
 
 @pytest.mark.parametrize("tool", [make_tiny_ade20k, make_tiny_coco])

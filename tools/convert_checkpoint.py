@@ -27,7 +27,7 @@ def main(argv=None) -> int:
                    help="unpickle arbitrary Python objects from the source (trusted files only)")
     args = p.parse_args(argv)
     try:
-        target = check_output_file(args.target, what="target")
+        target = check_output_file(args.target, suffixes=(".pth", ".pt"), what="target")
     except ValueError as err:
         p.error(str(err))
     if target.resolve() == args.source.resolve():

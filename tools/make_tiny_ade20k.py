@@ -7,7 +7,8 @@ squares and discs carry classes 2 and 3; some images get a flat letterbox band (
     python tools/make_tiny_ade20k.py OUT_DIR --train 8 --val 4 --size 160
 
 Images are crops of the sample photos, so ``--size`` is at most the smallest photo's side
-(:data:`MAX_SIZE`). Every file is written whole or not at all.
+(:data:`MAX_SIZE`). The folder is written whole or not at all (a full disk
+or Ctrl-C leaves it as it was).
 """
 from __future__ import annotations
 
@@ -18,12 +19,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from apt_dense.benchmarking import int_between, non_negative_int, output_path, positive_int
-from apt_dense.outputs import check_output_folder, write_error
+from apt_dense.benchmarking import int_between, non_negative_int, output_path
+from apt_dense.outputs import check_output_folder, staged_folder, write_error
 from apt_dense.sample_images import load_sample_photos
 from apt_dense.visualize import save_picture
 
 MIN_SIZE, MAX_SIZE = 32, 300  # one 32 px patch; the smallest sample photo (chelsea) is 300 px high
+MAX_IMAGES = 10_000  # a smoke-run set: more is a typo, not a dataset
 
 
 def _write_split(root: Path, split: str, count: int, size: int, rng: np.random.Generator, photos: list) -> None:
@@ -69,8 +71,8 @@ def make_tiny_ade20k(out_dir: str | Path, train: int = 8, val: int = 4, size: in
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out_dir", type=output_path)
-    p.add_argument("--train", type=positive_int, default=8, help="training images")
-    p.add_argument("--val", type=positive_int, default=4, help="validation images")
+    p.add_argument("--train", type=int_between(1, MAX_IMAGES), default=8, help="training images")
+    p.add_argument("--val", type=int_between(1, MAX_IMAGES), default=4, help="validation images")
     p.add_argument("--size", type=int_between(MIN_SIZE, MAX_SIZE, " (px, crops of the sample photos)"), default=160)
     p.add_argument("--seed", type=non_negative_int, default=0)
     args = p.parse_args(argv)
@@ -79,11 +81,15 @@ def main(argv=None) -> int:
     except ValueError as err:
         p.error(str(err))
     try:
-        root = make_tiny_ade20k(args.out_dir, args.train, args.val, args.size, args.seed)
+        with staged_folder(args.out_dir) as stage:
+            make_tiny_ade20k(stage, args.train, args.val, args.size, args.seed)
     except OSError as err:
         print(f"error: {write_error(err)}", file=sys.stderr)
         return 1
-    print(f"wrote {root}")
+    except KeyboardInterrupt:
+        print(f"interrupted: nothing written to {args.out_dir}", file=sys.stderr)
+        return 130
+    print(f"wrote {args.out_dir}")
     return 0
 
 

@@ -6,7 +6,8 @@ two categories, and a flat letterbox band on some images so that APT has somethi
     python tools/make_tiny_coco.py OUT_DIR --images 8 --size 256
 
 Images are crops of the sample photos, so ``--size`` is at most the smallest photo's side
-(:data:`MAX_SIZE`). Every file is written whole or not at all.
+(:data:`MAX_SIZE`). The folder is written whole or not at all (a full disk
+or Ctrl-C leaves it as it was).
 """
 from __future__ import annotations
 
@@ -19,12 +20,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from apt_dense.benchmarking import int_between, non_negative_int, output_path, positive_int
-from apt_dense.outputs import atomic_write, check_output_folder, write_error
+from apt_dense.benchmarking import int_between, non_negative_int, output_path
+from apt_dense.outputs import atomic_write, check_output_folder, staged_folder, write_error
 from apt_dense.sample_images import load_sample_photos
 from apt_dense.visualize import save_picture
 
 MIN_SIZE, MAX_SIZE = 32, 300  # one 32 px patch; the smallest sample photo (chelsea) is 300 px high
+MAX_IMAGES = 10_000  # a smoke-run set: more is a typo, not a dataset
 
 CATEGORIES = [{"id": 1, "name": "square"}, {"id": 2, "name": "disc"}]
 
@@ -78,7 +80,7 @@ def make_tiny_coco(out_dir: str | Path, num_images: int = 8, size: int = 256, se
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out_dir", type=output_path)
-    p.add_argument("--images", type=positive_int, default=8)
+    p.add_argument("--images", type=int_between(1, MAX_IMAGES), default=8, help="images")
     p.add_argument("--size", type=int_between(MIN_SIZE, MAX_SIZE, " (px, crops of the sample photos)"), default=256)
     p.add_argument("--seed", type=non_negative_int, default=0)
     args = p.parse_args(argv)
@@ -87,11 +89,15 @@ def main(argv=None) -> int:
     except ValueError as err:
         p.error(str(err))
     try:
-        json_path, image_dir = make_tiny_coco(args.out_dir, args.images, args.size, args.seed)
+        with staged_folder(args.out_dir) as stage:
+            json_path, image_dir = make_tiny_coco(stage, args.images, args.size, args.seed)
     except OSError as err:
         print(f"error: {write_error(err)}", file=sys.stderr)
         return 1
-    print(f"wrote {json_path} and {image_dir}")
+    except KeyboardInterrupt:
+        print(f"interrupted: nothing written to {args.out_dir}", file=sys.stderr)
+        return 130
+    print(f"wrote {args.out_dir / json_path.name} and {args.out_dir / image_dir.name}")
     return 0
 
 
