@@ -20,7 +20,8 @@ ROWS = ("seg512", "det1024", "det1536")
 def test_gpu_check_dry_run_writes_every_result(tmp_path):
     output = tmp_path / "gc"
     env = dict(os.environ, PYTHON=sys.executable)
-    done = subprocess.run(["bash", str(ROOT / "tools" / "gpu_check.sh"), "--dry-run", "--output", str(output)],
+    done = subprocess.run(["bash", str(ROOT / "tools" / "gpu_check.sh"), "--dry-run", "--output", str(output),
+                           "--budget", "1500"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     summary = (output / "summary.md").read_text()
     assert done.returncode == 0, summary + done.stderr[-3000:]
