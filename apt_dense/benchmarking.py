@@ -304,14 +304,13 @@ def same_size_maps(maps: list) -> list:
 
 @functools.cache
 def _depth_processor(size: int):
+    """Depth Anything's image processor at ``size`` (one per size, built once)."""
     try:
-        from transformers import DPTImageProcessor
-    except ImportError:
-        raise ImportError("DINOv2 / Depth Anything hosts need transformers: pip install 'apt-dense[transformers]'") from None
-    # Depth Anything V2's processor settings (keep the aspect ratio, sides multiples of 14, bicubic).
-    return DPTImageProcessor(size={"height": size, "width": size}, keep_aspect_ratio=True, ensure_multiple_of=14,
-                             resample=3, image_mean=[m / 255 for m in IMAGENET_PIXEL_MEAN],
-                             image_std=[s / 255 for s in IMAGENET_PIXEL_STD], do_pad=False)
+        from .transformers.quality import depth_anything_processor
+    except ImportError as err:
+        raise ImportError(f"DINOv2 / Depth Anything hosts need transformers 5: pip install 'apt-dense[transformers]' "
+                          f"({err})") from None
+    return depth_anything_processor(size)
 
 
 def host_image(host: str | None, image, size: int, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
