@@ -223,3 +223,50 @@ def test_sam_hq_image_encoder_exports_with_its_neck(stream, tmp_path):
         torch.testing.assert_close(out.outputs["image_embeddings"], embeddings, **TOL)
         torch.testing.assert_close(out.outputs["interm_embeddings_1"], interm[0], **TOL)
     assert min(encoder.last_layout.tokens_per_image_host) < (SIZE // 16) ** 2
+
+
+# --- tools/export.py: output paths checked before the work, no partial file ----------------------
+
+
+def export_tool():
+    import importlib
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    return importlib.import_module("export")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--output-dir", "{file}"], "--output-dir: {file} is a file, not a folder"),
+    (["--exports", "{file}/x", "--benchmark"], "--exports: {file} is a file, not a folder"),
+    (["--name", "a/b"], "--name 'a/b': a file name stem without folders"),
+])
+def test_export_tool_checks_its_outputs_before_exporting(argv, message, tmp_path, capsys):
+    tool = export_tool()
+    file = tmp_path / "a_file"
+    file.write_text("x")
+    argv = [a.format(file=file) for a in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        tool.parse_args(["--size", "128", "--depth", "1", *argv])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert message.format(file=file) in err.strip().splitlines()[-1]
+
+
+def test_export_tool_full_disk_leaves_no_partial_file(tmp_path, monkeypatch, capsys):
+    import errno
+    import os
+
+    tool = export_tool()
+
+    def half_written(program, spec, path):
+        path.write_bytes(b"half a model")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setitem(tool.FORMATS, "onnx", (".onnx", half_written))
+    monkeypatch.setattr(tool, "export_program", lambda *a, **k: (None, None))
+    argv = ["--size", "128", "--depth", "1", "--formats", "onnx", "--output-dir", str(tmp_path)]
+    assert tool.main(argv) == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

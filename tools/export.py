@@ -36,8 +36,9 @@ from apt_dense.benchmarking import (
     backbone_flops, host_planner, model_builder, non_negative_int, output_path, positive_int, same_weights_pair, thresholds_json,
     time_side_by_side,
 )
-from apt_dense.checkpoints import load_state_dict_checked, read_checkpoint, unwrap_state_dict
+from apt_dense.checkpoints import UnsafeCheckpointError, load_state_dict_checked, read_checkpoint, unwrap_state_dict
 from apt_dense.export import eager_output, export_program, load_runner, save_aoti, save_onnx
+from apt_dense.outputs import atomic_write, check_output_folder, write_error
 from apt_dense.presets import APT_SETTINGS, HOSTS, IMAGENET_PIXEL_MEAN, IMAGENET_PIXEL_STD
 from apt_dense.sample_images import letterbox, load_sample_photos, normalise
 
@@ -84,7 +85,13 @@ def parse_args(argv=None):
     args.size = args.size or HOSTS[args.host]["img_size"]
     args.setting = args.setting or ("sam" if args.host.startswith("sam_") else
                                     "segmentation" if args.host.endswith("_seg") else "detection")
-    try:  # thresholds that fit the host's windows and the size, before any work
+    if args.name is not None and (not args.name.strip() or Path(args.name).name != args.name):
+        p.error(f"--name {args.name!r}: a file name stem without folders; put the folder in --output-dir")
+    args.output_dir = args.output_dir or ROOT / ("benchmarks/results" if args.benchmark else "exports")
+    try:  # where the files go, and thresholds that fit the host's windows and the size, before any work
+        check_output_folder(args.output_dir, what="--output-dir")
+        if args.exports is not None:
+            check_output_folder(args.exports, what="--exports")
         host_planner(args.host, thresholds_of(args), img_size=args.size, depth=args.depth)
     except ValueError as err:
         p.error(str(err))
@@ -150,7 +157,11 @@ def export_files(model, args, folder: Path, stem: str, reuse: bool = False) -> d
         print(f"{stem}: torch.export {time.perf_counter() - start:.0f} s")
         for fmt in todo:
             start = time.perf_counter()
-            FORMATS[fmt][1](program, spec, paths[fmt])
+            try:
+                FORMATS[fmt][1](program, spec, paths[fmt])
+            except BaseException:  # a full disk or Ctrl-C: no partial package or model is left
+                paths[fmt].unlink(missing_ok=True)
+                raise
             size = paths[fmt].stat().st_size / 2**20
             print(f"{stem}: {paths[fmt]} ({size:.0f} MiB) in {time.perf_counter() - start:.0f} s")
     return paths
@@ -189,8 +200,7 @@ def load_average() -> float:
     return os.getloadavg()[0]
 
 
-def benchmark(args) -> int:
-    apt, dense = build_pair(args)
+def benchmark(args, apt, dense) -> int:
     names, images = sample_images(args.size)
     names, images = names[: args.limit], images[: args.limit]
     folder = args.exports or Path(os.environ.get("TMPDIR", "/tmp")) / f"apt-export-{args.host}-{args.size}"
@@ -235,14 +245,12 @@ def benchmark(args) -> int:
 def write_results(args, names: list[str], rows: list[dict]) -> None:
     import onnxruntime
 
-    out = args.output_dir or ROOT / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / (f"export-{args.host}-{args.size}" + (f"-d{args.depth}" if args.depth else "") + "-cpu-fp32")
+    stem = args.output_dir / (f"export-{args.host}-{args.size}" + (f"-d{args.depth}" if args.depth else "") + "-cpu-fp32")
     env = dict(date=dt.datetime.now().isoformat(timespec="seconds"), device=f"{platform.machine()} CPU",
                cpus=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__,
                onnxruntime=onnxruntime.__version__, images=names)
-    stem.with_suffix(".json").write_text(json.dumps(dict(environment=env, args={k: str(v) for k, v in vars(args).items()},
-                                                         rows=rows), indent=1))
+    with atomic_write(stem.with_suffix(".json"), "w") as f:
+        json.dump(dict(environment=env, args={k: str(v) for k, v in vars(args).items()}, rows=rows), f, indent=1)
     lines = [
         f"{env['device']} ({env['threads']} threads), torch {env['torch']}, onnxruntime {env['onnxruntime']}, fp32, "
         f"{args.host} at {args.size}, {len(names)} images one at a time, {env['date']}",
@@ -257,7 +265,8 @@ def write_results(args, names: list[str], rows: list[dict]) -> None:
             f"{r['speedup']:.2f}x | {r['ideal_speedup']:.2f}x | {r['achieved_over_ideal']:.2f} | "
             f"{r['load_before']:.1f}-{r['load_after']:.1f} |"
         )
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    with atomic_write(stem.with_suffix(".md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wrote {stem}.json, .md")
 
@@ -266,13 +275,20 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.benchmark:
-        return benchmark(args)
-    apt, dense = build_pair(args)
-    model = dense if args.dense else apt
-    folder = args.output_dir or ROOT / "exports"
-    stem = args.name or f"{args.host}-{args.size}" + ("-dense" if args.dense else "")
-    paths = export_files(model, args, folder, stem)
+    try:
+        apt, dense = build_pair(args)
+    except (OSError, ValueError, TypeError, UnsafeCheckpointError) as err:  # the checkpoint does not fit or load
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    try:
+        if args.benchmark:
+            return benchmark(args, apt, dense)
+        model = dense if args.dense else apt
+        stem = args.name or f"{args.host}-{args.size}" + ("-dense" if args.dense else "")
+        paths = export_files(model, args, args.output_dir, stem)
+    except OSError as err:  # a full disk or a folder that became unwritable: no partial file is left
+        print(f"error: {write_error(err)}", file=sys.stderr)
+        return 1
     if args.check and not check(model, paths, args):
         return 1
     return 0
