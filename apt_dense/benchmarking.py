@@ -511,10 +511,13 @@ def host_window(host: str, window: int | None = None, depth: int | None = None) 
 
     Raises:
         ValueError: ``window`` given for a host without windowed blocks, where it would do nothing,
-            or for a SAM / DINOv2 host, whose model fixes its windows.
+            or for a SAM / DINOv2 host, whose model fixes its windows; ``depth`` above the host's.
     """
     from .presets import HOSTS
 
+    if depth is not None and depth > HOSTS[host]["depth"]:
+        raise ValueError(f"--depth {depth}: {host} has {HOSTS[host]['depth']} blocks, and --depth runs the first "
+                         f"of them: give 1 to {HOSTS[host]['depth']}, or leave it out for all")
     if window is not None and host_family(host) != "vit":
         raise ValueError(f"--window: {host}'s windows are the host model's own; drop --window")
     preset = HOSTS[host]

@@ -185,6 +185,11 @@ def test_benchmark_help_says_where_results_go(capsys):
     (visualize_patches, ["--thresholds", '{"64": 1}'], "one value for each patch size"),
     (calibrate_thresholds, ["--target", "0.01"], "--target 0.01 is below what patch sizes"),
     (calibrate_thresholds, ["--curve", "--limit", "0"], "--limit: must be a positive integer"),
+    (calibrate_thresholds, ["--target", "0.6", "--output", "x.png", "--curve", "x.png"],
+     "--output: x.png suffix '.png' is not supported; end it in one of .json"),
+    (demo, ["--depth", "99"], "--depth 99: eva02_b_det has 12 blocks, and --depth runs the first of them: give 1 to 12"),
+    (benchmark, ["--host", "sam_vit_h", "--depth", "33"], "--depth 33: sam_vit_h has 32 blocks"),
+    (fidelity_probe, ["--depth", "13"], "--depth 13: eva02_b_det has 12 blocks"),
 ])
 def test_tool_argument_errors_are_one_line(tool, argv, message, capsys):
     assert message in argument_error(tool.parse_args, argv, capsys)

@@ -66,7 +66,7 @@ def parse_args(argv=None):
         if args.curve is not None:
             check_output_file(args.curve, suffixes=plot_suffixes(), what="--curve")
         if args.output is not None:
-            check_output_file(args.output, what="--output")
+            check_output_file(args.output, suffixes=(".json",), what="--output")  # never the --curve picture
     except ValueError as err:
         p.error(str(err))
     floor = 1 / 4**schedule.num_levels  # every region merged into the largest patches
