@@ -12,7 +12,7 @@ import numpy as np
 
 from .outputs import ctrl_c_deferred, write_error
 
-__all__ = ["compare_images", "write_and_exit_status"]
+__all__ = ["compare_images", "write_and_exit_status", "run_comparisons"]
 
 R = TypeVar("R")
 
@@ -55,3 +55,18 @@ def write_and_exit_status(results: list, interrupted: bool, write: Callable[[], 
             return 1
     print(line)
     return 130 if interrupted or ctrl_c.pressed else 0
+
+
+def run_comparisons(
+    images: Iterable[tuple[str, np.ndarray]], count: int, compare: Callable[[str, np.ndarray], tuple[R | None, str]],
+    write: Callable[[list[R]], str],
+) -> int:
+    """A quality tool's whole loop: :func:`compare_images`, then ``write(results)`` (which
+    returns the closing line) through :func:`write_and_exit_status`; a folder without a
+    readable image is one error line. Returns the tool's exit status."""
+    try:
+        results, interrupted = compare_images(images, count, compare)
+    except ValueError as err:  # no readable image in the folder
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return write_and_exit_status(results, interrupted, lambda: write(results))

@@ -26,7 +26,7 @@ import torch
 from apt_dense.benchmarking import image_folder, positive_int, thresholds_json, torch_device
 from apt_dense.outputs import atomic_write, check_output_file
 from apt_dense.presets import APT_SETTINGS
-from apt_dense.quality_runs import compare_images, write_and_exit_status
+from apt_dense.quality_runs import run_comparisons
 from apt_dense.sample_images import image_source
 
 DEFAULT_OUTPUT_DIR = Path("outputs/depth_quality")
@@ -107,19 +107,13 @@ def main(argv=None) -> int:
         r = compare_image(dense, apt, processor, name, image)
         return r, f"{r.kept_fraction:.1%} tokens kept, AbsRel {r.abs_rel:.4f}, delta<1.25 {r.delta1:.4f}"
 
-    try:
-        results, interrupted = compare_images(args.photos, args.count, compare)
-    except ValueError as err:  # no readable image in the folder
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-
-    def write() -> str:
+    def write(results) -> str:
         overall = summarise(results)
         write_results(args, results, overall)
         return (f"overall: {overall['kept_fraction']:.1%} tokens kept, AbsRel {overall['abs_rel']:.4f}, delta<1.25 "
                 f"{overall['delta1']:.4f}; wrote {args.output_dir / args.tag}.json and .md")
 
-    return write_and_exit_status(results, interrupted, write)
+    return run_comparisons(args.photos, args.count, compare, write)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import torch
 
 from apt_dense.benchmarking import image_folder, non_negative_int, positive_int, thresholds_json
 from apt_dense.outputs import atomic_write, check_output_file
-from apt_dense.quality_runs import compare_images, write_and_exit_status
+from apt_dense.quality_runs import run_comparisons
 from apt_dense.presets import APT_SETTINGS
 from apt_dense.sam import build_sam_pair, check_image, check_sam_thresholds, read_sam_checkpoint
 from apt_dense.sam.quality import compare_image, summarise
@@ -148,19 +148,13 @@ def main(argv=None) -> int:
         amg = "" if r.amg_matched_miou is None else f", AMG matched mIoU {r.amg_matched_miou:.4f}"
         return r, f"{r.kept_fraction:.1%} tokens kept, point mIoU {r.point_miou:.4f}{amg}"
 
-    try:
-        results, interrupted = compare_images(args.photos, args.count, compare)
-    except ValueError as err:  # no readable image in the folder
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-
-    def write() -> str:
+    def write(results) -> str:
         overall = summarise(results)
         write_results(args, results, overall)
         return (f"overall: {overall['kept_fraction']:.1%} tokens kept, point mIoU {overall['point_miou']:.4f}; "
                 f"wrote {args.output_dir / args.tag}.json and .md")
 
-    return write_and_exit_status(results, interrupted, write)
+    return run_comparisons(args.photos, args.count, compare, write)
 
 
 if __name__ == "__main__":
